@@ -11,7 +11,7 @@ import bisect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 #: Upper bounds (seconds) of the latency histogram buckets; the last bucket is +Inf.
 #: Log-spaced from 0.5 ms to 60 s so that p99 is resolved within ~25% anywhere in that range.
@@ -20,7 +20,7 @@ LATENCY_BUCKETS: tuple[float, ...] = tuple(
 )
 
 
-class Cohort(str, Enum):
+class Cohort(StrEnum):
     """Which version a member runs. ``shadow`` is reserved for the shadow strategy."""
 
     STABLE = "stable"
@@ -50,7 +50,9 @@ class LatencyHistogram:
         return sum(self.counts)
 
     def merge(self, other: LatencyHistogram) -> LatencyHistogram:
-        return LatencyHistogram(tuple(a + b for a, b in zip(self.counts, other.counts, strict=True)))
+        return LatencyHistogram(
+            tuple(a + b for a, b in zip(self.counts, other.counts, strict=True))
+        )
 
     def quantile(self, q: float) -> float | None:
         """Upper bound of the bucket holding quantile ``q`` (None when empty; inf past 60 s)."""
@@ -157,7 +159,7 @@ class CohortObservations:
         return self.dead_lettered / self.processed if self.processed else None
 
 
-class Verdict(str, Enum):
+class Verdict(StrEnum):
     """What the analysis of a step concluded, from worst to best.
 
     ``fail``: the canary is worse; roll back. ``inconclusive``: the step's budget of time or
