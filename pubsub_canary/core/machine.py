@@ -165,8 +165,14 @@ ALLOWED: dict[type, frozenset[Phase]] = {
     ),
 }
 
-_ACTION_NAMES = {Start: "start", Approve: "approve", Pause: "pause", Resume: "resume",
-                 Promote: "promote", Abort: "abort"}  # fmt: skip
+_ACTION_NAMES = {
+    Start: "start",
+    Approve: "approve",
+    Pause: "pause",
+    Resume: "resume",
+    Promote: "promote",
+    Abort: "abort",
+}
 
 
 def _check_allowed(state: RolloutState, event: Event) -> None:
@@ -202,9 +208,12 @@ def _advance(
         new = _enter_step(state, spec, nxt, now)
         return new, [
             SetShare(new.share),
-            Decide("step", f"step {state.step + 1} passed ({why}); step {nxt + 1}: "
-                           f"canary share {new.share:g}%"),
-        ]  # fmt: skip
+            Decide(
+                "step",
+                f"step {state.step + 1} passed ({why}); step {nxt + 1}: "
+                f"canary share {new.share:g}%",
+            ),
+        ]
     new = replace(state, phase=Phase.PROMOTING, share=100.0, paused_from=None)
     return new, [SetShare(100.0), Decide("promote", f"all steps passed ({why}); promoting")]
 
@@ -303,9 +312,12 @@ def _judged(
         if on_inconclusive == "extend" and state.extensions < max_ext:
             new = replace(state, step_started_at=now, extensions=state.extensions + 1)
             return new, [
-                Decide("extend", f"step {state.step + 1} inconclusive ({j.reason}); hold "
-                                 f"extended ({new.extensions}/{max_ext})")
-            ]  # fmt: skip
+                Decide(
+                    "extend",
+                    f"step {state.step + 1} inconclusive ({j.reason}); hold "
+                    f"extended ({new.extensions}/{max_ext})",
+                )
+            ]
         reason = f"step {state.step + 1} inconclusive ({j.reason}); waiting for a person"
         return replace(state, phase=Phase.PAUSED, paused_from=Phase.PROGRESSING, reason=reason), [
             Decide("pause", reason)
