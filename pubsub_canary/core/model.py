@@ -104,8 +104,6 @@ class RolloutSpec(BaseModel):
     steps: tuple[Step, ...] = Field(min_length=1)
     slo: SloGuards = SloGuards()
     analysis: AnalysisPolicy = Field(default_factory=AnalysisPolicy)
-    #: Lease of members; the coordinator reassigns a silent member's work after it plus a margin.
-    lease_seconds: float = Field(default=6.0, gt=0.5, le=300)
 
     @field_validator("steps")
     @classmethod
