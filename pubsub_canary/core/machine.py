@@ -270,7 +270,8 @@ def transition(
             if state.phase is Phase.ROLLING_BACK:
                 to = state.rollback_to or Phase.ROLLED_BACK
                 new = replace(state, phase=to, rollback_finished_at=now)
-                took = now - (state.rollback_started_at or now)
+                started = state.rollback_started_at
+                took = now - started if started is not None else 0.0
                 return new, [
                     Decide(
                         "rolled_back", f"stable owns all work again, {took:.2f}s after the decision"
