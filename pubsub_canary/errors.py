@@ -99,7 +99,7 @@ class LeaseExpired(TransportError):
 
 
 class FencedError(CanaryError):
-    """An instruction or acknowledgement carried an epoch older than the current one; it was ignored."""
+    """An instruction or acknowledgement carried a stale epoch; it was ignored."""
 
     http_status = 409
 

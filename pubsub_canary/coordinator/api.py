@@ -18,10 +18,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from pubsub_canary.coordinator.metrics import build_registry
-from pubsub_canary.coordinator.records import obs_from_dict
 from pubsub_canary.coordinator.service import Coordinator
 from pubsub_canary.core.model import parse_rollout_spec, rollout_json_schema
 from pubsub_canary.errors import CanaryError
+from pubsub_canary.wire import obs_from_dict
 
 
 class RegisterRequest(BaseModel):

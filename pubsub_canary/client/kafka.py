@@ -1,0 +1,406 @@
+"""The Kafka member: a consumer that processes exactly the partitions the coordinator grants.
+
+It never calls ``subscribe()``: the coordinator assigns partitions, the member calls
+``incremental_assign()`` at the handed-over offset and commits under the group's ``group.id``
+(so kafka-consumer-groups, Burrow and lag exporters keep working). Processing is at least once:
+an offset is committed only after its message was handled or dead-lettered, and a dead letter
+is flushed to the broker before the commit that passes it (I2).
+
+On a revoke it stops taking messages of that partition, finishes the message in hand, commits
+synchronously and releases the partition with the next offset, which is where the new owner
+starts (I3). If it cannot renew its lease it stops processing and committing before the
+coordinator may reassign its partitions (I1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pubsub_canary.client.processing import (
+    MetricsAccumulator,
+    Outcome,
+    Record,
+    RetryPolicy,
+    run_handler,
+)
+from pubsub_canary.client.session import MemberSession, UnitGrant
+from pubsub_canary.client.transport import CoordinatorTransport, HttpTransport
+from pubsub_canary.errors import BrokerError, CanaryError, ConfigError
+
+log = logging.getLogger("pubsub_canary.member.kafka")
+
+Handler = Callable[[Record], object]
+
+#: Keys the member must set itself; a user's value for them is refused.
+FORCED = {
+    "enable.auto.commit": False,
+    "enable.auto.offset.store": False,
+    "enable.partition.eof": False,
+}
+
+
+class KafkaMember:
+    """A consumer-group member under the coordinator's control.
+
+    Args:
+        handler: called once per message with a :class:`Record`; raise to fail it.
+        coordinator: the coordinator's URL, or a transport.
+        bootstrap_servers: Kafka brokers.
+        topic, group_id: what to consume, and the group whose offsets are committed.
+        cohort: ``stable`` or ``canary``; version: this program's version.
+        dead_letter_topic: where poison messages go (default ``<topic>.dlq``).
+        retry: how often to retry a failing handler.
+        consumer_config / producer_config: extra librdkafka settings.
+        commit_interval_seconds: how often processed offsets are committed between handoffs;
+            the window of messages a crash may process twice.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        coordinator: str | CoordinatorTransport,
+        bootstrap_servers: str,
+        topic: str,
+        group_id: str,
+        cohort: str,
+        version: str,
+        dead_letter_topic: str | None = None,
+        retry: RetryPolicy | None = None,
+        member_id: str | None = None,
+        consumer_config: dict[str, Any] | None = None,
+        producer_config: dict[str, Any] | None = None,
+        commit_interval_seconds: float = 0.5,
+        batch_size: int = 200,
+        long_poll_seconds: float = 1.0,
+    ) -> None:
+        if cohort not in ("stable", "canary"):
+            raise ConfigError(f"cohort {cohort!r} is not one of stable, canary", field="cohort")
+        for k in FORCED:
+            if consumer_config and k in consumer_config:
+                raise ConfigError(
+                    f"consumer_config may not set {k!r}: the member manages commits itself",
+                    field=k,
+                )
+        self.handler = handler
+        self.topic = topic
+        self.group_id = group_id
+        self.cohort = cohort
+        self.version = version
+        self.dlq_topic = dead_letter_topic or f"{topic}.dlq"
+        self.retry = retry or RetryPolicy()
+        self.commit_interval = commit_interval_seconds
+        self.batch_size = batch_size
+        self._transport = (
+            HttpTransport(coordinator) if isinstance(coordinator, str) else coordinator
+        )
+        self._consumer_config = {
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": group_id,
+            "auto.offset.reset": "earliest",
+            "client.id": f"pubsub-canary-{cohort}",
+            **(consumer_config or {}),
+            **FORCED,
+        }
+        self._producer_config = {
+            "bootstrap.servers": bootstrap_servers,
+            "enable.idempotence": True,
+            "linger.ms": 5,
+            **(producer_config or {}),
+        }
+        self._member_id = member_id
+        self._long_poll = long_poll_seconds
+        self.metrics = MetricsAccumulator()
+        self.session: MemberSession | None = None
+        self._consumer: Any = None
+        self._producer: Any = None
+        self._held: dict[int, UnitGrant] = {}  # partitions assigned to the consumer
+        self._next: dict[int, int] = {}  # next offset to process, per held partition
+        self._committed: dict[int, int] = {}
+        self._seen_generation = -1
+        self._stopping = threading.Event()
+        self._dlq_failed: str | None = None
+        self._last_commit = 0.0
+        #: Called after each processed message: (record, outcome, dead_lettered). For ledgers.
+        self.on_processed: Callable[[Record, Outcome, bool], None] | None = None
+
+    # --- public -------------------------------------------------------------------------------
+
+    def report_kpi(self, name: str, value: float) -> None:
+        """Report a custom signal (for example an RL policy's reward) for this cohort."""
+        self.metrics.kpi(name, float(value))
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to hand its partitions back and return."""
+        self._stopping.set()
+
+    @property
+    def member_id(self) -> str | None:
+        return self.session.member_id if self.session else self._member_id
+
+    @property
+    def partitions(self) -> list[int]:
+        return sorted(self._held)
+
+    def run(self, *, install_signal_handlers: bool = True, shutdown_timeout: float = 15.0) -> None:
+        """Process granted partitions until :meth:`stop` (or SIGTERM/SIGINT) is called."""
+        if install_signal_handlers and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        self._open()
+        try:
+            while not self._stopping.is_set():
+                self._step()
+            self._shutdown(shutdown_timeout)
+        finally:
+            self._close()
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        from confluent_kafka import Consumer, KafkaException, Producer
+
+        try:
+            self._consumer = Consumer(self._consumer_config)
+            self._producer = Producer(self._producer_config)
+            md = self._consumer.list_topics(self.topic, timeout=10)
+        except KafkaException as exc:
+            raise BrokerError(f"cannot reach Kafka: {exc}") from None
+        t = md.topics.get(self.topic)
+        if t is None or t.error is not None or not t.partitions:
+            raise ConfigError(
+                f"topic {self.topic!r} does not exist on "
+                f"{self._consumer_config['bootstrap.servers']}",
+                field="topic",
+            )
+        self.session = MemberSession(
+            self._transport,
+            transport_kind="kafka",
+            topic=self.topic,
+            group_id=self.group_id,
+            units=len(t.partitions),
+            cohort=self.cohort,
+            version=self.version,
+            member_id=self._member_id,
+            long_poll_seconds=self._long_poll,
+        )
+        self.session.start()
+
+    def _step(self) -> None:
+        s = self.session
+        assert s is not None
+        if s.generation != self._seen_generation:
+            self._sync()
+        if not s.lease_valid():
+            if self._held:
+                log.warning("lease ran out: stopping all partitions without committing")
+                self._drop_all()
+            s.changed.wait(0.1)
+            s.changed.clear()
+            return
+        if not self._held:
+            s.changed.wait(0.1)
+            s.changed.clear()
+            self._report()
+            return
+        msgs = self._consumer.consume(num_messages=self.batch_size, timeout=0.05)
+        for msg in msgs:
+            if msg.error() is not None:
+                self._broker_error(msg.error())
+                continue
+            p = msg.partition()
+            if p not in self._held:
+                continue  # revoked while buffered; the new owner starts at our final offset
+            off = msg.offset()
+            nxt = self._next.get(p)
+            if nxt is not None and off < nxt:
+                continue  # already processed (a re-fetch after seek)
+            if not s.lease_valid():
+                break  # stop now; nothing past the last commit is committed
+            self._process(msg, p, off)
+        self._report()
+        if time.monotonic() - self._last_commit >= self.commit_interval:
+            self._commit(asynchronous=True)
+
+    def _process(self, msg: Any, p: int, off: int) -> None:
+        headers = {k: v for k, v in (msg.headers() or []) if v is not None}
+        ts_type, ts = msg.timestamp()
+        record = Record(
+            self.topic, p, off, msg.key(), msg.value(), headers, ts / 1000.0 if ts_type else None
+        )
+        outcome = run_handler(self.handler, record, self.retry)
+        dead = False
+        if not outcome.ok:
+            self._dead_letter(record, outcome)
+            dead = True
+        self.metrics.add(outcome, dead)
+        self._next[p] = off + 1
+        if self.on_processed is not None:
+            self.on_processed(record, outcome, dead)
+
+    def _dead_letter(self, record: Record, outcome: Outcome) -> None:
+        headers = [
+            ("pubsub_canary.original_topic", record.topic.encode()),
+            ("pubsub_canary.original_partition", str(record.partition).encode()),
+            ("pubsub_canary.original_offset", str(record.offset).encode()),
+            ("pubsub_canary.cohort", self.cohort.encode()),
+            ("pubsub_canary.version", self.version.encode()),
+            ("pubsub_canary.error", (outcome.error or "").encode()[:1000]),
+            ("pubsub_canary.attempts", str(outcome.attempts).encode()),
+        ]
+
+        def delivered(err: Any, _msg: Any) -> None:
+            if err is not None:
+                self._dlq_failed = str(err)
+
+        self._producer.produce(
+            self.dlq_topic,
+            value=record.value,
+            key=record.key,
+            headers=headers,
+            on_delivery=delivered,
+        )
+        self._producer.poll(0)
+
+    def _report(self) -> None:
+        assert self.session is not None
+        self.session.report(self.metrics.drain(), dict(self._next))
+
+    def _broker_error(self, err: Any) -> None:
+        if err.fatal():
+            raise BrokerError(f"fatal Kafka error: {err}")
+        log.warning("Kafka: %s", err)
+
+    # --- assignment changes -------------------------------------------------------------------
+
+    def _sync(self) -> None:
+        """Apply the coordinator's view: release what is revoked, assign what is granted."""
+        from confluent_kafka import OFFSET_STORED, TopicPartition
+
+        s = self.session
+        assert s is not None
+        self._seen_generation = s.generation
+        view = s.view()
+        to_release = [
+            g
+            for p, g in self._held.items()
+            if p not in view or view[p].status != "owned" or view[p].epoch != g.epoch
+        ]
+        if to_release:
+            self._release(to_release)
+        grants = [g for p, g in view.items() if g.status == "owned" and p not in self._held]
+        if grants and s.lease_valid():
+            tps = [
+                TopicPartition(
+                    self.topic, g.unit, g.offset if g.offset is not None else OFFSET_STORED
+                )
+                for g in grants
+            ]
+            self._consumer.incremental_assign(tps)
+            for g in grants:
+                self._held[g.unit] = g
+                if g.offset is not None:
+                    self._next[g.unit] = g.offset
+                    self._committed[g.unit] = g.offset
+            log.info(
+                "granted partitions %s (epochs %s)",
+                [g.unit for g in grants],
+                [g.epoch for g in grants],
+            )
+
+    def _release(self, grants: list[UnitGrant]) -> None:
+        from confluent_kafka import TopicPartition
+
+        s = self.session
+        assert s is not None
+        parts = [g.unit for g in grants]
+        can_commit = s.lease_valid()
+        if can_commit:
+            self._commit(asynchronous=False, only=parts)
+        self._consumer.incremental_unassign([TopicPartition(self.topic, p) for p in parts])
+        released = []
+        for g in grants:
+            # The new owner starts at our next offset; None: the group's committed offset.
+            nxt = self._next.pop(g.unit, None) if can_commit else None
+            self._held.pop(g.unit, None)
+            self._committed.pop(g.unit, None)
+            released.append((g.unit, g.epoch, nxt))
+        self._report()
+        if can_commit:
+            try:
+                s.release(released)
+            except CanaryError as exc:
+                # The coordinator reclaims them after our lease; nothing is lost.
+                log.warning("release not acknowledged (%s); the lease will expire", exc.message)
+        log.info("released partitions %s at %s", parts, [r[2] for r in released])
+
+    def _drop_all(self) -> None:
+        from confluent_kafka import TopicPartition
+
+        parts = list(self._held)
+        self._consumer.incremental_unassign([TopicPartition(self.topic, p) for p in parts])
+        self._held.clear()
+        self._next.clear()
+        self._committed.clear()
+
+    def _commit(self, *, asynchronous: bool, only: list[int] | None = None) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        self._last_commit = time.monotonic()
+        parts = [
+            p
+            for p in (only if only is not None else list(self._next))
+            if p in self._next and self._next[p] != self._committed.get(p)
+        ]
+        if not parts:
+            return
+        assert self.session is not None
+        if not self.session.lease_valid():
+            return
+        if self._producer is not None and self._producer.flush(10) > 0:
+            raise BrokerError("dead letters not delivered within 10 s; not committing past them")
+        if self._dlq_failed:
+            raise BrokerError(f"a dead letter could not be written: {self._dlq_failed}")
+        offsets = [TopicPartition(self.topic, p, self._next[p]) for p in parts]
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
+        except KafkaException as exc:
+            raise BrokerError(f"commit failed: {exc}") from None
+        for p in parts:
+            self._committed[p] = self._next[p]
+
+    # --- shutdown -----------------------------------------------------------------------------
+
+    def _shutdown(self, timeout: float) -> None:
+        """Graceful: ask for no more work, release every partition as it is revoked."""
+        s = self.session
+        assert s is not None
+        try:
+            s.leave()
+        except CanaryError as exc:
+            log.warning("leave failed (%s); committing and exiting", exc.message)
+        deadline = time.monotonic() + timeout
+        while self._held and time.monotonic() < deadline and s.lease_valid():
+            self._sync()
+            if self._held:
+                s.changed.wait(0.05)
+                s.changed.clear()
+        if self._held:
+            self._commit(asynchronous=False)
+        self._report()
+        with contextlib.suppress(CanaryError):
+            s.heartbeat_once()  # deliver the last metric deltas
+
+    def _close(self) -> None:
+        if self.session is not None:
+            self.session.stop()
+        if self._producer is not None:
+            self._producer.flush(10)
+        if self._consumer is not None:
+            self._consumer.close()

@@ -1,0 +1,138 @@
+"""Running the user's handler on one message: retries, dead-letter decision, measurements.
+
+Transport-neutral (Kafka and Pub/Sub members share it). A handler that raises is retried with
+exponential back-off up to ``RetryPolicy.max_attempts``; one that raises
+:class:`PoisonMessage` is not retried. A message that still fails goes to the dead-letter
+destination with its reason and counts as dead-lettered (I2: processed or dead-lettered, never
+skipped).
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pubsub_canary.core.observations import (
+    LATENCY_BUCKETS,
+    CohortObservations,
+    KpiStats,
+    LatencyHistogram,
+)
+from pubsub_canary.errors import CanaryError
+
+
+class PoisonMessage(CanaryError):
+    """Raise from a handler for a message that can never succeed: it is dead-lettered at once."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One message, as the handler sees it (Kafka or Pub/Sub)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Mapping[str, bytes] = field(default_factory=dict)
+    timestamp: float | None = None
+
+
+class RetryPolicy(BaseModel):
+    """How often to retry a failing handler before dead-lettering the message."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    initial_backoff_seconds: float = Field(default=0.01, ge=0)
+    max_backoff_seconds: float = Field(default=1.0, ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    ok: bool
+    attempts: int
+    error: str | None
+    seconds: float
+
+
+def run_handler(
+    handler: Callable[[Record], object],
+    record: Record,
+    policy: RetryPolicy,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Outcome:
+    """Call ``handler`` with retries; never raises for a handler error."""
+    start = time.perf_counter()
+    attempt = 0
+    backoff = policy.initial_backoff_seconds
+    while True:
+        attempt += 1
+        try:
+            handler(record)
+        except PoisonMessage as exc:
+            return Outcome(False, attempt, f"PoisonMessage: {exc}", time.perf_counter() - start)
+        except Exception as exc:
+            if attempt >= policy.max_attempts:
+                err = f"{type(exc).__name__}: {exc}"[:500]
+                return Outcome(False, attempt, err, time.perf_counter() - start)
+            if backoff > 0:
+                sleep(backoff)
+            backoff = min(policy.max_backoff_seconds, max(backoff * 2, 0.001))
+        else:
+            return Outcome(True, attempt, None, time.perf_counter() - start)
+
+
+class MetricsAccumulator:
+    """Counts one cohort's outcomes between heartbeats; cheap enough to call per message."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.processed = 0
+        self.errors = 0
+        self.dead_lettered = 0
+        self.redeliveries = 0
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.kpis: dict[str, list[float]] = {}
+
+    def add(self, outcome: Outcome, dead_lettered: bool) -> None:
+        # Single writer (the processing loop) for counters; the lock guards the drain.
+        with self._lock:
+            self.processed += 1
+            if outcome.attempts > 1 or not outcome.ok:
+                self.errors += 1
+            if dead_lettered:
+                self.dead_lettered += 1
+            self.latency[bisect.bisect_left(LATENCY_BUCKETS, outcome.seconds)] += 1
+
+    def add_redelivery(self) -> None:
+        with self._lock:
+            self.redeliveries += 1
+
+    def kpi(self, name: str, value: float) -> None:
+        with self._lock:
+            s = self.kpis.setdefault(name, [0, 0.0, 0.0])
+            s[0] += 1
+            s[1] += value
+            s[2] += value * value
+
+    def drain(self) -> CohortObservations:
+        with self._lock:
+            obs = CohortObservations(
+                processed=self.processed,
+                errors=self.errors,
+                dead_lettered=self.dead_lettered,
+                redeliveries=self.redeliveries,
+                latency=LatencyHistogram(tuple(self.latency)),
+                kpis={k: KpiStats(int(v[0]), v[1], v[2]) for k, v in self.kpis.items()},
+            )
+            self._reset()
+        return obs
