@@ -107,7 +107,7 @@ def reconcile(
                 owner=None,
                 status=UnitStatus.FREE,
                 offset=None,
-                move_started_at=st.move_started_at or now,
+                move_started_at=st.move_started_at if st.move_started_at is not None else now,
             )
             graceful = False
         if st.status is UnitStatus.OWNED and st.owner != want:
