@@ -91,7 +91,8 @@ def reconcile(
         units: current protocol state of each unit.
         target: the planner's owner for each unit.
         alive: members whose lease (plus the safety margin) has not run out. A unit whose
-            owner is not in ``alive`` is taken back without a release.
+            owner is not in ``alive`` is taken back without a release, and no unit is granted
+            to a member outside ``alive``.
         now: the coordinator's clock.
     """
     alive = set(alive)
@@ -114,7 +115,9 @@ def reconcile(
             st = replace(st, status=UnitStatus.REVOKING, since=now, move_started_at=now)
             assert st.owner is not None
             changes.append(Revoke(u, st.epoch, st.owner))
-        elif st.status is UnitStatus.FREE and want is not None:
+        elif st.status is UnitStatus.FREE and want is not None and want in alive:
+            # A target naming a member presumed dead (a plan older than this round) waits: a
+            # grant would be taken back next round, losing the released offset.
             took = now - st.move_started_at if st.move_started_at is not None else None
             st = UnitState(u, want, st.epoch + 1, UnitStatus.OWNED, st.offset, now, None)
             changes.append(Grant(u, st.epoch, want, st.offset, took, graceful))
