@@ -45,6 +45,9 @@ class UnitState:
     since: float | None = None
     #: When the unit was last asked to move (revoke, or a dead owner noticed).
     move_started_at: float | None = None
+    #: False while a FREE unit was taken from an owner presumed dead (no release): its next
+    #: grant is not graceful, however many rounds it waits for a target.
+    graceful: bool = True
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,6 @@ def reconcile(
     changes: list[Change] = []
     for u, st in units.items():
         want = target.get(u)
-        graceful = True
         if st.owner is not None and st.owner not in alive:
             # Presumed dead: its lease ran out on its side before ours, so it stopped.
             st = replace(
@@ -109,8 +111,8 @@ def reconcile(
                 status=UnitStatus.FREE,
                 offset=None,
                 move_started_at=st.move_started_at if st.move_started_at is not None else now,
+                graceful=False,
             )
-            graceful = False
         if st.status is UnitStatus.OWNED and st.owner != want:
             st = replace(st, status=UnitStatus.REVOKING, since=now, move_started_at=now)
             assert st.owner is not None
@@ -119,6 +121,7 @@ def reconcile(
             # A target naming a member presumed dead (a plan older than this round) waits: a
             # grant would be taken back next round, losing the released offset.
             took = now - st.move_started_at if st.move_started_at is not None else None
+            graceful = st.graceful
             st = UnitState(u, want, st.epoch + 1, UnitStatus.OWNED, st.offset, now, None)
             changes.append(Grant(u, st.epoch, want, st.offset, took, graceful))
         out[u] = st
