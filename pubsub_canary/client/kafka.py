@@ -197,10 +197,9 @@ class KafkaMember:
         assert s is not None
         if s.generation != self._seen_generation:
             self._sync()
-        if not s.lease_valid():
+        if s.lease_ending():
             if self._held:
-                log.warning("lease ran out: stopping all partitions without committing")
-                self._drop_all()
+                self._stop_for_lease()
             s.changed.wait(0.1)
             s.changed.clear()
             return
@@ -221,8 +220,8 @@ class KafkaMember:
             nxt = self._next.get(p)
             if nxt is not None and off < nxt:
                 continue  # already processed (a re-fetch after seek)
-            if not s.lease_valid():
-                break  # stop now; nothing past the last commit is committed
+            if s.lease_ending():
+                break  # stop now; the next step commits while the lease still holds
             self._process(msg, p, off)
         self._report()
         if time.monotonic() - self._last_commit >= self.commit_interval:
@@ -339,6 +338,19 @@ class KafkaMember:
                 # The coordinator reclaims them after our lease; nothing is lost.
                 log.warning("release not acknowledged (%s); the lease will expire", exc.message)
         log.info("released partitions %s at %s", parts, [r[2] for r in released])
+
+    def _stop_for_lease(self) -> None:
+        """The lease is about to run out unrenewed: commit while it still holds, then stop."""
+        assert self.session is not None
+        if self.session.lease_valid():
+            try:
+                self._commit(asynchronous=False)
+                log.warning("cannot renew the lease: committed and stopped all partitions")
+            except CanaryError as exc:
+                log.warning("cannot renew the lease; final commit failed: %s", exc.message)
+        else:
+            log.warning("lease ran out: stopped all partitions without committing")
+        self._drop_all()
 
     def _drop_all(self) -> None:
         from confluent_kafka import TopicPartition

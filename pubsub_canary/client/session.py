@@ -177,6 +177,15 @@ class MemberSession:
     def lease_valid(self) -> bool:
         return time.monotonic() < self._deadline
 
+    def lease_ending(self) -> bool:
+        """The lease has under a quarter of its length (at most 1 s) left and was not renewed.
+
+        The processing loop then commits what it processed and stops, while the lease still
+        protects the commit, so a member cut off from the coordinator causes no duplicates.
+        """
+        grace = min(1.0, self.lease_seconds / 4)
+        return time.monotonic() >= self._deadline - grace
+
     def view(self) -> dict[int, UnitGrant]:
         with self._lock:
             return dict(self._view)

@@ -192,6 +192,7 @@ class Harness:
         fail_rate: float = 0.0,
         fail_after: float | None = None,
         work_ms: float = 0.0,
+        coordinator_url: str | None = None,
     ) -> MemberProc:
         self._n += 1
         name = f"{cohort}-{self._n}"
@@ -199,7 +200,7 @@ class Harness:
             "-m",
             "pubsub_canary.demo.consumer",
             "--coordinator",
-            self.url,
+            coordinator_url or self.url,
             "--bootstrap-servers",
             self.bootstrap,
             "--topic",
