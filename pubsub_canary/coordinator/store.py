@@ -325,7 +325,9 @@ class SqlStore:
             cur.run(
                 "INSERT INTO pc_members (member_id, group_key, cohort, version, registered_at, "
                 "leaving, meta) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (member_id) DO UPDATE "
-                "SET leaving = excluded.leaving, meta = excluded.meta",
+                "SET group_key = excluded.group_key, cohort = excluded.cohort, "
+                "version = excluded.version, registered_at = excluded.registered_at, "
+                "leaving = excluded.leaving, meta = excluded.meta",
                 (
                     member.member_id,
                     member.group_key,
