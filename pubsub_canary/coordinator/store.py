@@ -245,6 +245,16 @@ class SqlStore:
         with self._tx() as cur:
             for stmt in SCHEMA:
                 cur.execute(stmt)
+            self._migrate(cur)
+
+    def _migrate(self, cur: _Cursor) -> None:
+        """Add what ``CREATE TABLE IF NOT EXISTS`` cannot add to a table made by an older version."""
+        if self._pg:
+            # Insertion order of decisions (SQLite has it as rowid): timestamps can be equal.
+            cur.execute(
+                "ALTER TABLE pc_decisions ADD COLUMN IF NOT EXISTS seq BIGINT "
+                "GENERATED ALWAYS AS IDENTITY"
+            )
 
     def _sql(self, stmt: str) -> str:
         return stmt.replace("?", "%s") if self._pg else stmt
@@ -436,10 +446,12 @@ class SqlStore:
             )
 
     def decisions(self, rollout: str, limit: int = 100) -> list[Decision]:
+        # In the order they were taken (as the twin keeps them), whatever their timestamps.
+        seq = "seq" if self._pg else "rowid"
         with self._tx() as cur:
             rows = cur.all(
                 "SELECT rollout, at, kind, reason, data FROM pc_decisions WHERE rollout = ? "
-                "ORDER BY at DESC LIMIT ?",
+                f"ORDER BY {seq} DESC LIMIT ?",
                 (rollout, limit),
             )
         return [Decision(r, float(a), k, why, json.loads(d)) for r, a, k, why, d in reversed(rows)]
