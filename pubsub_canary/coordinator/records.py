@@ -84,6 +84,7 @@ def unit_to_row(u: UnitState) -> dict[str, Any]:
         "status": u.status.value,
         "next_offset": u.offset,
         "move_started_at": u.move_started_at,
+        "graceful": u.graceful,
     }
 
 
@@ -96,4 +97,6 @@ def unit_from_row(r: dict[str, Any]) -> UnitState:
         offset=None if r["next_offset"] is None else int(r["next_offset"]),
         since=None,
         move_started_at=r["move_started_at"],
+        # A row written before the column existed reads as graceful (the old behaviour).
+        graceful=bool(r.get("graceful", True)),
     )

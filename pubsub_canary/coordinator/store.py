@@ -181,7 +181,7 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS pc_units (
         group_key TEXT NOT NULL, unit INTEGER NOT NULL, owner TEXT, epoch INTEGER NOT NULL,
         status TEXT NOT NULL, next_offset BIGINT, move_started_at DOUBLE PRECISION,
-        PRIMARY KEY (group_key, unit))""",
+        graceful INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (group_key, unit))""",
     """CREATE TABLE IF NOT EXISTS pc_rollouts (
         name TEXT PRIMARY KEY, group_key TEXT NOT NULL, spec TEXT NOT NULL, state TEXT NOT NULL,
         active INTEGER NOT NULL, created_at DOUBLE PRECISION NOT NULL,
@@ -248,13 +248,17 @@ class SqlStore:
             self._migrate(cur)
 
     def _migrate(self, cur: _Cursor) -> None:
-        """Add what ``CREATE TABLE IF NOT EXISTS`` cannot add to a table made by an older version."""
+        """Add columns that ``CREATE TABLE IF NOT EXISTS`` leaves out of older tables."""
+        graceful = "graceful INTEGER NOT NULL DEFAULT 1"
         if self._pg:
+            cur.execute(f"ALTER TABLE pc_units ADD COLUMN IF NOT EXISTS {graceful}")
             # Insertion order of decisions (SQLite has it as rowid): timestamps can be equal.
             cur.execute(
                 "ALTER TABLE pc_decisions ADD COLUMN IF NOT EXISTS seq BIGINT "
                 "GENERATED ALWAYS AS IDENTITY"
             )
+        elif "graceful" not in {row[1] for row in cur.all("PRAGMA table_info(pc_units)")}:
+            cur.execute(f"ALTER TABLE pc_units ADD COLUMN {graceful}")
 
     def _sql(self, stmt: str) -> str:
         return stmt.replace("?", "%s") if self._pg else stmt
@@ -288,9 +292,9 @@ class SqlStore:
                 snap.members[mid] = MemberRecord(
                     mid, gk, cohort, version, float(reg), bool(leaving), json.loads(meta)
                 )
-            for gk, unit, owner, epoch, status, off, moved in cur.all(
-                "SELECT group_key, unit, owner, epoch, status, next_offset, move_started_at "
-                "FROM pc_units"
+            for gk, unit, owner, epoch, status, off, moved, graceful in cur.all(
+                "SELECT group_key, unit, owner, epoch, status, next_offset, move_started_at, "
+                "graceful FROM pc_units"
             ):
                 snap.units.setdefault(gk, {})[int(unit)] = unit_from_row(
                     {
@@ -300,6 +304,7 @@ class SqlStore:
                         "status": status,
                         "next_offset": off,
                         "move_started_at": moved,
+                        "graceful": graceful,
                     }
                 )
             for name, gk, spec, state, active, created, updated, version in cur.all(
@@ -360,10 +365,11 @@ class SqlStore:
         with self._tx() as cur:
             cur.many(
                 "INSERT INTO pc_units (group_key, unit, owner, epoch, status, next_offset, "
-                "move_started_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (group_key, unit) "
-                "DO UPDATE SET owner = excluded.owner, epoch = excluded.epoch, "
-                "status = excluded.status, next_offset = excluded.next_offset, "
-                "move_started_at = excluded.move_started_at",
+                "move_started_at, graceful) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (group_key, unit) DO UPDATE SET owner = excluded.owner, "
+                "epoch = excluded.epoch, status = excluded.status, "
+                "next_offset = excluded.next_offset, move_started_at = excluded.move_started_at, "
+                "graceful = excluded.graceful",
                 [
                     (
                         group_key,
@@ -373,6 +379,7 @@ class SqlStore:
                         r["status"],
                         r["next_offset"],
                         r["move_started_at"],
+                        int(r["graceful"]),
                     )
                     for r in rows
                 ],
