@@ -59,7 +59,7 @@ class LatencyHistogram:
         n = self.total
         if n == 0:
             return None
-        rank = math.ceil(q * n)
+        rank = max(1, math.ceil(q * n))  # q=0 is the smallest sample, not an empty bucket
         seen = 0
         for i, c in enumerate(self.counts):
             seen += c
