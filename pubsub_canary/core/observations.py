@@ -69,7 +69,9 @@ class LatencyHistogram:
 
     def count_above(self, seconds: float) -> int:
         """Samples in buckets entirely above ``seconds``."""
-        return sum(self.counts[bisect.bisect_right(LATENCY_BUCKETS, seconds) :])
+        # Bucket i holds (LATENCY_BUCKETS[i-1], LATENCY_BUCKETS[i]]: it is entirely above
+        # ``seconds`` when its lower bound LATENCY_BUCKETS[i-1] >= seconds.
+        return sum(self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds) + 1 :])
 
 
 @dataclass(frozen=True)
