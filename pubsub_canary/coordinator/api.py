@@ -20,7 +20,8 @@ from pydantic import BaseModel, Field
 from pubsub_canary.coordinator.metrics import build_registry
 from pubsub_canary.coordinator.service import Coordinator
 from pubsub_canary.core.model import parse_rollout_spec, rollout_json_schema
-from pubsub_canary.errors import CanaryError
+from pubsub_canary.core.observations import CohortObservations
+from pubsub_canary.errors import CanaryError, ConfigError
 from pubsub_canary.wire import obs_from_dict
 
 
@@ -48,6 +49,19 @@ class ReleaseRequest(BaseModel):
 
 
 Action = Literal["approve", "promote", "pause", "resume", "abort"]
+
+
+def _metrics(data: dict[str, Any]) -> CohortObservations:
+    """A heartbeat's observation deltas; malformed ones are the member's error, not a 500."""
+    try:
+        return obs_from_dict(data)
+    except (TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise ConfigError(
+            f"metrics: not valid observation deltas ({type(exc).__name__}: {exc}); expected "
+            "counts (processed, errors, dead_lettered, redeliveries), latency {bucket: count}, "
+            "kpis {name: [count, sum, sum_sq]} and lag [[at, lag, produced], ...]",
+            field="metrics",
+        ) from None
 
 
 def create_app(coordinator: Coordinator, *, manage_lifecycle: bool = True) -> FastAPI:
@@ -105,7 +119,7 @@ def create_app(coordinator: Coordinator, *, manage_lifecycle: bool = True) -> Fa
             member_id,
             known=req.known,
             wait=req.wait,
-            metrics=obs_from_dict(req.metrics) if req.metrics else None,
+            metrics=_metrics(req.metrics) if req.metrics else None,
             positions=req.positions,
             released=req.released,
         )
