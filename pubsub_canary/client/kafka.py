@@ -123,6 +123,7 @@ class KafkaMember:
         self._held: dict[int, UnitGrant] = {}  # partitions assigned to the consumer
         self._next: dict[int, int] = {}  # next offset to process, per held partition
         self._committed: dict[int, int] = {}
+        self._resume: dict[int, tuple[int, int | None]] = {}  # unit -> (epoch, offset)
         self._seen_generation = -1
         self._stopping = threading.Event()
         self._dlq_failed: str | None = None
@@ -293,20 +294,38 @@ class KafkaMember:
         ]
         if to_release:
             self._release(to_release)
+        # Revoked while we did not hold them (we stopped when our lease was ending): hand them
+        # back at the offset we committed then, or the group's committed offset.
+        orphans = [g for p, g in view.items() if g.status == "revoking" and p not in self._held]
+        if orphans and s.lease_valid():
+            released = []
+            for g in orphans:
+                epoch, offset = self._resume.pop(g.unit, (None, None))
+                released.append((g.unit, g.epoch, offset if epoch == g.epoch else None))
+            try:
+                s.release(released)
+                log.info("released partitions %s we had stopped", [r[0] for r in released])
+            except CanaryError as exc:
+                log.warning("release not acknowledged (%s); the lease will expire", exc.message)
         grants = [g for p, g in view.items() if g.status == "owned" and p not in self._held]
-        if grants and s.lease_valid():
+        if grants and s.lease_ending():
+            self._seen_generation = -1  # take them once the lease is renewed
+        elif grants:
+            starts: dict[int, int | None] = {}
+            for g in grants:
+                epoch, resume_at = self._resume.pop(g.unit, (None, None))
+                starts[g.unit] = resume_at if epoch == g.epoch else g.offset
             tps = [
-                TopicPartition(
-                    self.topic, g.unit, g.offset if g.offset is not None else OFFSET_STORED
-                )
-                for g in grants
+                TopicPartition(self.topic, u, off if off is not None else OFFSET_STORED)
+                for u, off in starts.items()
             ]
             self._consumer.incremental_assign(tps)
             for g in grants:
                 self._held[g.unit] = g
-                if g.offset is not None:
-                    self._next[g.unit] = g.offset
-                    self._committed[g.unit] = g.offset
+                off = starts[g.unit]
+                if off is not None:
+                    self._next[g.unit] = off
+                    self._committed[g.unit] = off
             log.info(
                 "granted partitions %s (epochs %s)",
                 [g.unit for g in grants],
@@ -357,9 +376,13 @@ class KafkaMember:
 
         parts = list(self._held)
         self._consumer.incremental_unassign([TopicPartition(self.topic, p) for p in parts])
+        # If the coordinator still names us owner at the same epoch once we can renew (it was
+        # down, or we were cut off only briefly), we resume from where we committed.
+        self._resume = {p: (g.epoch, self._committed.get(p)) for p, g in self._held.items()}
         self._held.clear()
         self._next.clear()
         self._committed.clear()
+        self._seen_generation = -1  # re-read the view once the lease is renewed
 
     def _commit(self, *, asynchronous: bool, only: list[int] | None = None) -> None:
         from confluent_kafka import KafkaException, TopicPartition

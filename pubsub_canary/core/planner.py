@@ -51,7 +51,8 @@ def canary_unit_count(n_units: int, share: float, has_canary: bool) -> int:
         return 0
     if share >= 100:
         return n_units
-    return min(n_units, max(1, round(n_units * share / 100.0)))
+    # Half up, not banker's rounding: 25% of 10 units is 3, not 2.
+    return min(n_units, max(1, int(n_units * share / 100.0 + 0.5)))
 
 
 def _pick_canary_units(units: Sequence[int], current_canary: set[int], count: int) -> set[int]:
