@@ -65,25 +65,18 @@ def _pg_create_schema() -> str:
     try:
         _pg(f"CREATE SCHEMA {schema}")
     except psycopg.OperationalError as exc:
-        _unavailable(f"PostgreSQL at {PG_URL} does not answer: {str(exc).strip()}")
+        _unavailable(f"PostgreSQL at {PG_URL} does not answer: {str(exc).strip().splitlines()[0]}")
     return schema
 
 
-@pytest.fixture(
-    params=[
-        "memory",
-        "sqlite",
-        pytest.param("postgres", marks=pytest.mark.postgres),
-    ]
-)
-def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+def _openers(kind: str, tmp_path: Path) -> Iterator[Opener]:
     """Opens stores on one backing storage (each call a new connection, as after a restart)."""
-    if request.param == "memory":
+    if kind == "memory":
         twin = MemoryStore()
         yield lambda: twin
         return
     schema = None
-    if request.param == "sqlite":
+    if kind == "sqlite":
         url = f"sqlite:///{tmp_path / 'state' / 'coordinator.db'}"
     else:
         schema = _pg_create_schema()
@@ -105,6 +98,20 @@ def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
                 s.close()
         if schema is not None:
             _pg(f"DROP SCHEMA {schema} CASCADE")
+
+
+POSTGRES = pytest.param("postgres", marks=pytest.mark.postgres)
+
+
+@pytest.fixture(params=["memory", "sqlite", POSTGRES])
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    yield from _openers(request.param, tmp_path)
+
+
+@pytest.fixture(params=["sqlite", POSTGRES])
+def durable_opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """The stores that outlive the process (the in-memory twin keeps nothing by design)."""
+    yield from _openers(request.param, tmp_path)
 
 
 @pytest.fixture
@@ -209,13 +216,11 @@ def test_round_trip_through_load(store: Store) -> None:
     _assert_filled(store)
 
 
-def test_state_survives_close_and_reopen(opener: Opener, request: pytest.FixtureRequest) -> None:
-    if request.node.callspec.params["opener"] == "memory":
-        pytest.skip("the in-memory twin keeps nothing across a restart by design")
-    first = opener()
+def test_state_survives_close_and_reopen(durable_opener: Opener) -> None:
+    first = durable_opener()
     _fill(first)
     first.close()
-    _assert_filled(opener())
+    _assert_filled(durable_opener())
 
 
 def test_second_active_rollout_for_a_group_conflicts(store: Store) -> None:
