@@ -500,10 +500,16 @@ def test_release_carried_by_a_heartbeat_is_taken(coord: Coordinator) -> None:
     "canary that has since died, and the rollout moves on with no canary alive",
 )
 def test_a_step_does_not_pass_while_no_canary_is_alive(
-    running: Coordinator, clock: FakeClock
+    coord: Coordinator, clock: FakeClock
 ) -> None:
-    running.heartbeat("s1", metrics=CohortObservations(processed=300))
-    running.heartbeat("c1", metrics=CohortObservations(processed=100))
+    for mid, cohort in (("s1", "stable"), ("s2", "stable"), ("c1", "canary")):
+        register(coord, mid, cohort)
+    # Judged on error rates alone, so that the canary's data is enough for the step to pass.
+    coord.apply_rollout(spec(analysis={"latency": None, "lag_growth": None}))
+    running = coord
+    settle(running, ["s1", "s2", "c1"])
+    running.heartbeat("s1", metrics=CohortObservations(processed=3000, errors=30))
+    running.heartbeat("c1", metrics=CohortObservations(processed=1000, errors=10))
     # c1 dies; the step's hold (an hour) elapses with stable alone.
     for _ in range(0, 3700, 2):
         clock.advance(2)
