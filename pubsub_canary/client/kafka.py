@@ -124,6 +124,7 @@ class KafkaMember:
         self._next: dict[int, int] = {}  # next offset to process, per held partition
         self._committed: dict[int, int] = {}
         self._resume: dict[int, tuple[int, int | None]] = {}  # unit -> (epoch, offset)
+        self._redeliver: dict[int, int] = {}  # unit -> offset below which a crash re-delivers
         self._seen_generation = -1
         self._stopping = threading.Event()
         self._dlq_failed: str | None = None
@@ -240,6 +241,12 @@ class KafkaMember:
             self._dead_letter(record, outcome)
             dead = True
         self.metrics.add(outcome, dead)
+        until = self._redeliver.get(p)
+        if until is not None:
+            if off < until:
+                self.metrics.add_redelivery()
+            else:
+                del self._redeliver[p]
         self._next[p] = off + 1
         if self.on_processed is not None:
             self.on_processed(record, outcome, dead)
@@ -322,6 +329,8 @@ class KafkaMember:
             self._consumer.incremental_assign(tps)
             for g in grants:
                 self._held[g.unit] = g
+                if g.redeliver_until is not None:
+                    self._redeliver[g.unit] = g.redeliver_until
                 off = starts[g.unit]
                 if off is not None:
                     self._next[g.unit] = off

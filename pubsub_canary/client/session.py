@@ -31,6 +31,9 @@ class UnitGrant:
     epoch: int
     offset: int | None
     status: str
+    #: After a crash of the previous owner: offsets below this were probably processed
+    #: already; they are counted as redeliveries.
+    redeliver_until: int | None = None
 
 
 class MemberSession:
@@ -151,7 +154,9 @@ class MemberSession:
                 self._pending = metrics.merge(self._pending)
             raise
         view = {
-            int(u["unit"]): UnitGrant(int(u["unit"]), int(u["epoch"]), u["offset"], u["status"])
+            int(u["unit"]): UnitGrant(
+                int(u["unit"]), int(u["epoch"]), u["offset"], u["status"], u.get("redeliver_until")
+            )
             for u in resp["units"]
         }
         with self._lock:

@@ -91,6 +91,9 @@ class LiveGroup:
     offsets: dict[int, tuple[int, int]] = field(default_factory=dict)
     #: Totals per cohort since the coordinator started (for status and metrics).
     totals: dict[str, CohortObservations] = field(default_factory=dict)
+    #: unit -> the last position a presumed-dead owner reported: the next owner counts the
+    #: messages below it as redeliveries (duplicates after a crash are counted, I3).
+    redeliver: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -343,7 +346,13 @@ class Coordinator:
     def _view(self, m: LiveMember) -> dict[str, Any]:
         g = self.groups[m.record.group_key]
         units = [
-            {"unit": u.unit, "epoch": u.epoch, "offset": u.offset, "status": u.status.value}
+            {
+                "unit": u.unit,
+                "epoch": u.epoch,
+                "offset": u.offset,
+                "status": u.status.value,
+                "redeliver_until": g.redeliver.get(u.unit) if u.offset is None else None,
+            }
             for u in sorted(g.units.values(), key=lambda u: u.unit)
             if u.owner == m.record.member_id
         ]
@@ -543,6 +552,11 @@ class Coordinator:
             if m.lease_expires > now and not m.record.leaving
         ]
         current = {u: s.owner for u, s in g.units.items()}
+        for u, owner in current.items():
+            if owner is not None and owner not in alive and owner in self.members:
+                pos = self.members[owner].positions.get(u)
+                if pos is not None:
+                    g.redeliver[u] = pos
         g.target = plan_assignment(sorted(g.units), takers, current, self._share(key))
         units, changes = reconcile(g.units, g.target, alive, self.clock.wall())
         if changes:
