@@ -1,4 +1,4 @@
-"""The analysis policy: defaults, YAML loading, and errors that name the field and what is allowed."""
+"""The analysis policy: defaults, YAML loading, errors naming the field and what is allowed."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def test_yaml_section_loads_and_partial_metric_sections_keep_their_defaults() ->
 def test_policy_is_frozen_and_rejects_unknown_fields() -> None:
     p = AnalysisPolicy()
     with pytest.raises(ValidationError):
-        p.alpha = 0.5  # type: ignore[misc]
+        p.alpha = 0.5
     assert _errors({"latency": {"quantiel": 0.9}}) == [
         ("latency.quantiel", "Extra inputs are not permitted")
     ]
@@ -138,7 +138,7 @@ def test_bad_values_name_the_field_and_what_is_allowed(
 
 def test_kpi_direction_is_required_in_python_too() -> None:
     with pytest.raises(ValidationError, match="needs a direction"):
-        KpiPolicy()  # type: ignore[call-arg]
+        KpiPolicy()
     assert KpiPolicy(direction=Direction.LOWER_IS_BETTER).tolerance == 0.05
 
 
