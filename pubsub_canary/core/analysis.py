@@ -6,6 +6,7 @@ compares the canary with the stable cohort running at the same time.
 
 from __future__ import annotations
 
+from pubsub_canary.core.judge import judge_step
 from pubsub_canary.core.model import RolloutSpec, SloGuards
 from pubsub_canary.core.observations import CohortObservations, Judgement, MetricVerdict, Verdict
 
@@ -96,13 +97,12 @@ def analyse_step(
     broken = [g for g in guards if g.verdict is Verdict.FAIL]
     if broken:
         return Judgement(Verdict.FAIL, "; ".join(g.reason for g in broken), tuple(guards))
-    try:
-        from pubsub_canary.core.judge import judge_step
-    except ImportError:  # pragma: no cover - until the judge lands
+    if spec.steps[step].share >= 100:
+        # No stable cohort runs beside the canary at 100%: nothing to compare, only the SLO
+        # guards apply (the statistical comparison happened at the steps before).
         verdict = Verdict.PASS if held else Verdict.CONTINUE
-        return Judgement(
-            verdict, "hold elapsed, SLO guards met" if held else "holding", tuple(guards)
-        )
+        why = "canary owns all work; SLO guards met" if held else "holding at 100%"
+        return Judgement(verdict, why, tuple(guards))
     j = judge_step(
         spec.analysis,
         stable,

@@ -13,18 +13,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pubsub_canary.core.judge.policy import AnalysisPolicy
 from pubsub_canary.errors import ConfigError
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
-
-# The judge's policy is its own module; import lazily-tolerant so the core stays importable
-# while it is being built.
-try:  # pragma: no cover - exercised once the judge package exists
-    from pubsub_canary.core.judge.policy import AnalysisPolicy
-except ImportError:  # pragma: no cover
-
-    class AnalysisPolicy(BaseModel):  # type: ignore[no-redef]
-        model_config = ConfigDict(frozen=True, extra="allow")
 
 
 class Transport(StrEnum):

@@ -40,6 +40,14 @@ def rollout_spec(name: str, topic: str, group: str, dlq: str, hold: float) -> di
             {"share": 100, "hold_seconds": min(hold, 2.0)},
         ],
         "slo": {"max_error_rate": 0.05, "max_dead_letter_rate": 0.05, "min_messages": 50},
+        # Short holds for a demo: fewer samples before a verdict, and a step without enough
+        # evidence is held longer rather than paused for a person.
+        "analysis": {
+            "on_inconclusive": "extend",
+            "max_extensions": 10,
+            "latency": {"min_sample": 100},
+            "lag_growth": {"min_sample": 3},
+        },
     }
 
 
