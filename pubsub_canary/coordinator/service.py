@@ -146,6 +146,8 @@ class Coordinator:
         self.observations: dict[tuple[str, int, str], CohortObservations] = {}
         self.judgements: dict[str, Judgement] = {}
         self._obs_dirty: set[tuple[str, int, str]] = set()
+        #: Rollouts that have had a live canary member (in this coordinator's lifetime).
+        self._canary_seen: set[str] = set()
         self.handoff_listeners: list[Callable[[HandoffEvent], None]] = []
         self._load()
 
@@ -527,9 +529,30 @@ class Coordinator:
             r.spec, r.state.step, r.state.step_started_at or now, now, stable, canary
         )
         j = analyse_step(r.spec, r.state.step, stable, canary, held=held)
+        if j.verdict is not Verdict.FAIL and not self._canary_alive(r.group_key):
+            # A step never passes on the data of a canary that has gone: pause for a person
+            # if one was here in this rollout, otherwise wait for the first to register.
+            if r.name in self._canary_seen and r.state.phase is Phase.PROGRESSING:
+                self._apply(r, machine.CanaryGone(now))
+            else:
+                self.judgements[r.name] = Judgement(
+                    Verdict.CONTINUE, "waiting for a canary member", j.metrics
+                )
+            return
+        self._canary_seen.add(r.name)
         self.judgements[r.name] = j
         if j.verdict is not Verdict.CONTINUE:
             self._apply(r, machine.Judged(now, j))
+
+    def _canary_alive(self, group_key: str) -> bool:
+        now = self.clock.monotonic()
+        return any(
+            m.record.group_key == group_key
+            and m.record.cohort == Cohort.CANARY.value
+            and m.lease_expires > now
+            and not m.record.leaving
+            for m in self.members.values()
+        )
 
     def _expire_members(self, now: float) -> None:
         for mid, m in list(self.members.items()):
