@@ -421,7 +421,7 @@ class Coordinator:
             rec = RolloutRecord(spec.name, t.key, spec, state, True, now, now)
             rec = self.store.create_rollout(rec)
             self.rollouts[spec.name] = rec
-            self._record(spec.name, effects, now)
+            self._record(spec.name, effects, now, state)
             self._reconcile_group(self.groups[t.key], self.clock.monotonic())
             return self.status(spec.name)
 
@@ -485,16 +485,20 @@ class Coordinator:
         nr = replace(r, state=state, active=not state.phase.terminal, updated_at=now)
         nr = self.store.update_rollout(nr)
         self.rollouts[r.name] = nr
-        self._record(r.name, effects, now)
+        self._record(r.name, effects, now, state)
         if state.phase is not r.state.phase or state.step != r.state.step:
             self._bump()
         return nr
 
-    def _record(self, rollout: str, effects: list[machine.Effect], now: float) -> None:
+    def _record(
+        self, rollout: str, effects: list[machine.Effect], now: float, state: RolloutState
+    ) -> None:
+        # Each decision carries where it left the rollout: the share-over-time timeline.
+        data = {"phase": state.phase.value, "step": state.step + 1, "share": state.share}
         for e in effects:
             if isinstance(e, machine.Decide):
                 log.info("rollout %s: %s", rollout, e.reason)
-                self.store.append_decision(Decision(rollout, now, e.kind, e.reason))
+                self.store.append_decision(Decision(rollout, now, e.kind, e.reason, data))
 
     # --- the tick -----------------------------------------------------------------------------
 

@@ -103,7 +103,7 @@ def rollout_status(c: Coordinator, r: RolloutRecord) -> dict[str, Any]:
             },
             "judgement": judgement_dict(c.judgements.get(r.name)),
             "decisions": [
-                {"at": d.at, "kind": d.kind, "reason": d.reason}
+                {"at": d.at, "kind": d.kind, "reason": d.reason, **d.data}
                 for d in c.store.decisions(r.name, limit=50)
             ],
             "steps_spec": [s.model_dump() for s in r.spec.steps],
