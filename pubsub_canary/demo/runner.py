@@ -112,6 +112,7 @@ def run_demo(args: argparse.Namespace) -> int:
         stack.callback(h.close)
         h.start_coordinator()
         say(f"coordinator: {h.url} (SQLite store in {workdir}); API docs {h.url}/docs")
+        say(f"status page: {h.url}/  (open it to watch the rollout live)")
         producer = SteadyProducer(kafka.bootstrap_servers, topic, args.rate).start()
         stack.callback(producer.stop)
         for _ in range(args.stable):
@@ -167,6 +168,7 @@ def run_demo(args: argparse.Namespace) -> int:
             "max_canary_share": max_share,
             "decisions": [d["reason"] for d in decisions],
             "workdir": str(workdir) if args.workdir else None,
+            "status_page": f"{h.url}/",
         }
         if report.produced != produced:
             log.warning("producer sent %d, topic holds %d", produced, report.produced)
