@@ -61,7 +61,7 @@ def log_kt_marginal(k: float, n: float) -> float:
     """Log probability of one sequence with ``k`` events in ``n`` trials under the KT mixture.
 
     The Beta(1/2, 1/2) (Jeffreys) mixture of Bernoulli likelihoods: its regret against the best
-    single rate is at most ``log(pi) + log(n)/2`` nats whatever the data, which is why it is the
+    single rate is at most ``log(2) + log(n)/2`` nats whatever the data, which is why it is the
     numerator of every e-value here.
     """
     if n <= 0:
