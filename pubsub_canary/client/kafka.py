@@ -124,6 +124,8 @@ class KafkaMember:
         self._next: dict[int, int] = {}  # next offset to process, per held partition
         self._committed: dict[int, int] = {}
         self._resume: dict[int, tuple[int, int | None]] = {}  # unit -> (epoch, offset)
+        #: (unit, epoch) pairs already released: a stale view must not release them again.
+        self._released: set[tuple[int, int]] = set()
         self._redeliver: dict[int, int] = {}  # unit -> offset below which a crash re-delivers
         self._seen_generation = -1
         self._stopping = threading.Event()
@@ -191,6 +193,7 @@ class KafkaMember:
             version=self.version,
             member_id=self._member_id,
             long_poll_seconds=self._long_poll,
+            meta=self._registration_meta(),
         )
         self.session.start()
 
@@ -235,7 +238,7 @@ class KafkaMember:
         record = Record(
             self.topic, p, off, msg.key(), msg.value(), headers, ts / 1000.0 if ts_type else None
         )
-        outcome = run_handler(self.handler, record, self.retry)
+        outcome = run_handler(self._call, record, self.retry)
         dead = False
         if not outcome.ok:
             self._dead_letter(record, outcome)
@@ -303,12 +306,17 @@ class KafkaMember:
             self._release(to_release)
         # Revoked while we did not hold them (we stopped when our lease was ending): hand them
         # back at the offset we committed then, or the group's committed offset.
-        orphans = [g for p, g in view.items() if g.status == "revoking" and p not in self._held]
+        orphans = [
+            g
+            for p, g in view.items()
+            if g.status == "revoking" and p not in self._held and (p, g.epoch) not in self._released
+        ]
         if orphans and s.lease_valid():
             released = []
             for g in orphans:
                 epoch, offset = self._resume.pop(g.unit, (None, None))
                 released.append((g.unit, g.epoch, offset if epoch == g.epoch else None))
+                self._released.add((g.unit, g.epoch))
             try:
                 s.release(released)
                 log.info("released partitions %s we had stopped", [r[0] for r in released])
@@ -322,6 +330,7 @@ class KafkaMember:
             for g in grants:
                 epoch, resume_at = self._resume.pop(g.unit, (None, None))
                 starts[g.unit] = resume_at if epoch == g.epoch else g.offset
+            starts = self._prepare_grants(grants, starts)
             tps = [
                 TopicPartition(self.topic, u, off if off is not None else OFFSET_STORED)
                 for u, off in starts.items()
@@ -358,6 +367,8 @@ class KafkaMember:
             self._held.pop(g.unit, None)
             self._committed.pop(g.unit, None)
             released.append((g.unit, g.epoch, nxt))
+            self._released.add((g.unit, g.epoch))
+        self._forget(parts)
         self._report()
         if can_commit:
             try:
@@ -388,6 +399,7 @@ class KafkaMember:
         # If the coordinator still names us owner at the same epoch once we can renew (it was
         # down, or we were cut off only briefly), we resume from where we committed.
         self._resume = {p: (g.epoch, self._committed.get(p)) for p, g in self._held.items()}
+        self._forget(parts)
         self._held.clear()
         self._next.clear()
         self._committed.clear()
@@ -407,8 +419,9 @@ class KafkaMember:
         assert self.session is not None
         if not self.session.lease_valid():
             return
-        if self._producer is not None and self._producer.flush(10) > 0:
-            raise BrokerError("dead letters not delivered within 10 s; not committing past them")
+        self._before_commit(parts)
+        if self._producer is not None and self._producer.flush(30) > 0:
+            raise BrokerError("writes not delivered within 30 s; not committing past them")
         if self._dlq_failed:
             raise BrokerError(f"a dead letter could not be written: {self._dlq_failed}")
         offsets = [TopicPartition(self.topic, p, self._next[p]) for p in parts]
@@ -418,6 +431,27 @@ class KafkaMember:
             raise BrokerError(f"commit failed: {exc}") from None
         for p in parts:
             self._committed[p] = self._next[p]
+
+    # --- hooks for subclasses (the stateful member) -------------------------------------------
+
+    def _call(self, record: Record) -> object:
+        """Run the user's handler on one record (one attempt)."""
+        return self.handler(record)
+
+    def _registration_meta(self) -> dict[str, Any]:
+        return {}
+
+    def _prepare_grants(
+        self, grants: list[UnitGrant], starts: dict[int, int | None]
+    ) -> dict[int, int | None]:
+        """Before newly granted partitions are assigned: may change where each starts."""
+        return starts
+
+    def _before_commit(self, parts: list[int]) -> None:
+        """Before offsets of ``parts`` are committed (after the producer flush, they are)."""
+
+    def _forget(self, parts: list[int]) -> None:
+        """These partitions are no longer ours."""
 
     # --- shutdown -----------------------------------------------------------------------------
 

@@ -74,6 +74,8 @@ class MemberSession:
         self._view: dict[int, UnitGrant] = {}
         self._digest: str | None = None
         self._idle = False
+        #: Migrations the active rollout's file declares (stateful members load them).
+        self.state_migrations: list[dict[str, Any]] = []
         self.generation = 0  # bumped whenever the view changes
         self._pending = CohortObservations()
         self._positions: dict[int, int] = {}
@@ -168,6 +170,7 @@ class MemberSession:
                 self.generation += 1
                 self.changed.set()
             self._idle = bool(resp.get("idle"))
+            self.state_migrations = list(resp.get("state_migrations") or [])
 
     def _drop_view(self) -> None:
         with self._lock:

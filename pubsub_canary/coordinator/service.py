@@ -32,6 +32,7 @@ from pubsub_canary.coordinator.records import (
 from pubsub_canary.coordinator.store import Store
 from pubsub_canary.core import machine
 from pubsub_canary.core.analysis import analyse_step, hold_elapsed
+from pubsub_canary.core.compat import FormatSupport, state_format_problems
 from pubsub_canary.core.handoff import (
     Grant,
     Released,
@@ -242,6 +243,9 @@ class Coordinator:
             group = self._ensure_group(key, transport, topic, group_id, units)
             mid = member_id or f"{c.value}-{uuid.uuid4().hex[:10]}"
             rec = MemberRecord(mid, key, c.value, version, self.clock.wall(), False, meta or {})
+            active = self._active_rollout(key)
+            if active is not None:
+                self._check_state_formats(key, active.spec, extra=rec)
             self.store.put_member(rec)
             self.members[mid] = LiveMember(rec, self.clock.monotonic() + self.lease_seconds)
             log.info("member %s registered: %s %s version %s", mid, key, c.value, version)
@@ -360,7 +364,16 @@ class Coordinator:
         ]
         digest = ";".join(f"{x['unit']}:{x['epoch']}:{x['status']}" for x in units)
         rollout = self._active_rollout(g.record.key)
+        # Every rollout's migrations, not only the active one's: state the canary wrote stays
+        # in the changelog (and must stay readable) after its rollout ended.
+        migrations = {
+            m.model_dump_json(): m.model_dump()
+            for r in self.rollouts.values()
+            if r.group_key == g.record.key
+            for m in r.spec.state_migrations
+        }
         return {
+            "state_migrations": list(migrations.values()),
             "digest": digest,
             "units": units,
             "lease_seconds": self.lease_seconds,
@@ -415,6 +428,7 @@ class Coordinator:
                 )
         units = self._units_for(spec)
         with self._lock:
+            self._check_state_formats(t.key, spec)
             self._ensure_group(t.key, t.transport.value, t.topic, t.group, units)
             now = self.clock.wall()
             state, effects = machine.transition(RolloutState(), machine.Start(now), spec)
@@ -424,6 +438,33 @@ class Coordinator:
             self._record(spec.name, effects, now, state)
             self._reconcile_group(self.groups[t.key], self.clock.monotonic())
             return self.status(spec.name)
+
+    def _check_state_formats(
+        self, group_key: str, spec: RolloutSpec, extra: MemberRecord | None = None
+    ) -> None:
+        """Refuse what would hand state to a version that cannot read it (I4)."""
+        records = [m.record for m in self.members.values() if m.record.group_key == group_key]
+        if extra is not None:
+            records = [r for r in records if r.member_id != extra.member_id] + [extra]
+        support = {
+            c: [
+                f
+                for r in records
+                if r.cohort == c and not r.leaving
+                for f in [FormatSupport.from_meta(r.version, r.meta)]
+                if f is not None
+            ]
+            for c in (Cohort.STABLE.value, Cohort.CANARY.value)
+        }
+        migrations = [(m.from_format, m.to_format) for m in spec.state_migrations]
+        problems = state_format_problems(support["stable"], support["canary"], migrations)
+        if problems:
+            raise ConflictError(
+                f"rollout {spec.name!r} refused before any partition moves: "
+                + "; ".join(problems),
+                rollout=spec.name,
+                field="state_formats",
+            )
 
     def _units_for(self, spec: RolloutSpec) -> int:
         t = spec.target

@@ -83,6 +83,20 @@ class SloGuards(BaseModel):
     )
 
 
+class StateMigration(BaseModel):
+    """A function that turns state written in ``from_format`` into ``to_format``.
+
+    Members load ``function`` (``module:attribute``) when they restore a value of a format they
+    cannot read; the module must be importable where the members run.
+    """
+
+    model_config = _FROZEN
+
+    from_format: int = Field(ge=0)
+    to_format: int = Field(ge=0)
+    function: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="module:attr")
+
+
 class RolloutSpec(BaseModel):
     """A rollout file."""
 
@@ -96,6 +110,9 @@ class RolloutSpec(BaseModel):
     steps: tuple[Step, ...] = Field(min_length=1)
     slo: SloGuards = SloGuards()
     analysis: AnalysisPolicy = Field(default_factory=AnalysisPolicy)
+    state_migrations: tuple[StateMigration, ...] = Field(
+        default=(), description="migrations between state formats of stateful consumers"
+    )
 
     @field_validator("steps")
     @classmethod

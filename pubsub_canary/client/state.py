@@ -1,0 +1,324 @@
+"""Per-partition state for stateful consumers, kept in memory and in a Kafka changelog topic.
+
+A handler gets a :class:`PartitionState` (a small key-value map) beside each record. The member
+keeps each partition's state in memory and, at every commit, writes the keys that changed since
+the last one to the group's changelog topic (one changelog partition per input partition) as a
+**batch closed by a checkpoint marker**. Every record of a batch carries the writer's fencing
+epoch and the input offset the batch reflects; the marker is written last, flushed, and only
+then is the input offset committed.
+
+Restoring a partition reads its changelog from the start and applies a batch only when its
+marker arrives (records of a batch whose writer crashed before writing its marker carry an older
+epoch and are dropped). The restored state therefore reflects *exactly* the messages before the
+last marker's offset, and the new owner starts there: state and offsets agree (I4).
+
+State values are JSON. Each record carries the writer's state format version; a reader applies
+a migration for a format it cannot read, and the coordinator refuses a rollout whose stable
+version could not read what the canary writes (checked before any partition moves).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pubsub_canary.errors import BrokerError, ConfigError
+
+MARKER_KEY = b"__pubsub_canary_checkpoint__"
+H_EPOCH = "pc.epoch"
+H_THROUGH = "pc.through"
+H_FORMAT = "pc.format"
+
+#: A migration turns a value written in one format into one the reader understands.
+Migration = Callable[[Any], Any]
+
+
+class StateFormatError(ConfigError):
+    """A changelog record has a state format this member cannot read and no migration covers."""
+
+
+@dataclass(frozen=True)
+class StateFormats:
+    """The state format versions a member reads and the one it writes."""
+
+    writes: int = 1
+    reads: frozenset[int] = frozenset({1})
+    #: from_format -> function turning such a value into one in a format this member reads.
+    migrations: Mapping[int, Migration] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.writes not in self.reads:
+            raise ConfigError(
+                f"state format {self.writes} is written but not in reads {sorted(self.reads)}; "
+                "a member must read what it writes",
+                field="state_formats",
+            )
+
+    def as_meta(self) -> dict[str, Any]:
+        return {
+            "writes": self.writes,
+            "reads": sorted(self.reads),
+            "migrates": sorted(self.migrations),
+        }
+
+
+class PartitionState(MutableMapping[str, Any]):
+    """The state of one partition, as a handler sees it: a map of str -> JSON value."""
+
+    def __init__(self, partition: int, data: dict[str, Any] | None = None) -> None:
+        self.partition = partition
+        self._data: dict[str, Any] = data if data is not None else {}
+        self._dirty: set[str] = set()
+        #: Old values of the keys the current message changed, to undo a failed attempt.
+        self._undo: dict[str, tuple[bool, Any]] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def _remember(self, key: str) -> None:
+        if key not in self._undo:
+            self._undo[key] = (key in self._data, self._data.get(key))
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._remember(key)
+        self._data[key] = value
+        self._dirty.add(key)
+
+    def __delitem__(self, key: str) -> None:
+        self._remember(key)
+        del self._data[key]
+        self._dirty.add(key)
+
+    def message_done(self) -> None:
+        """The current message succeeded: keep its changes."""
+        self._undo.clear()
+
+    def message_failed(self) -> None:
+        """The current attempt raised: put back what it changed, so a retry starts clean."""
+        for key, (existed, old) in self._undo.items():
+            if existed:
+                self._data[key] = old
+            else:
+                self._data.pop(key, None)
+        self._undo.clear()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def take_dirty(self) -> list[tuple[str, Any]]:
+        """The changed keys since the last call, with their values (None: deleted)."""
+        out = [(k, self._data.get(k)) for k in self._dirty]
+        self._dirty.clear()
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+class ChangelogWriter:
+    """Writes checkpoint batches to the changelog; flushes before the caller commits."""
+
+    def __init__(self, producer: Any, topic: str, formats: StateFormats) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.formats = formats
+        self._failed: str | None = None
+
+    def _delivered(self, err: Any, _msg: Any) -> None:
+        if err is not None:
+            self._failed = str(err)
+
+    def checkpoint(self, partition: int, epoch: int, through: int, state: PartitionState) -> None:
+        """Queue the changed keys of ``state`` and a marker saying it reflects ``< through``."""
+        headers = [
+            (H_EPOCH, str(epoch).encode()),
+            (H_THROUGH, str(through).encode()),
+            (H_FORMAT, str(self.formats.writes).encode()),
+        ]
+        for key, value in state.take_dirty():
+            self.producer.produce(
+                self.topic,
+                key=key.encode(),
+                value=None if value is None else json.dumps(value).encode(),
+                partition=partition,
+                headers=headers,
+                on_delivery=self._delivered,
+            )
+            if len(self.producer) > 50_000:
+                self.producer.poll(0)
+        self.producer.produce(
+            self.topic,
+            key=MARKER_KEY,
+            value=str(through).encode(),
+            partition=partition,
+            headers=headers,
+            on_delivery=self._delivered,
+        )
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Block until every queued write is on the broker; raise if one failed."""
+        if self.producer.flush(timeout) > 0:
+            raise BrokerError(f"changelog writes to {self.topic} not delivered in {timeout} s")
+        if self._failed:
+            failed, self._failed = self._failed, None
+            raise BrokerError(f"a changelog write to {self.topic} failed: {failed}")
+
+
+@dataclass
+class Restored:
+    """A partition's state as of its last checkpoint marker."""
+
+    partition: int
+    data: dict[str, Any]
+    #: The input offset the state reflects (the next one to process); None: no checkpoint yet.
+    through: int | None
+    records: int
+    seconds: float
+
+
+def _header(headers: list[tuple[str, bytes]] | None, name: str) -> bytes | None:
+    for k, v in headers or ():
+        if k == name:
+            return v
+    return None
+
+
+class ChangelogReader:
+    """Rebuilds a partition's state from the changelog (for a grant, or to warm up early)."""
+
+    def __init__(self, consumer_config: dict[str, Any], topic: str, formats: StateFormats) -> None:
+        self.config = {
+            **consumer_config,
+            "group.id": f"{consumer_config.get('group.id', 'pubsub-canary')}-restore",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "fetch.max.bytes": 52_428_800,
+        }
+        self.topic = topic
+        self.formats = formats
+        #: Migrations declared by the active rollout (module:attr), loaded when first needed.
+        self.rollout_migrations: dict[int, Migration] = {}
+
+    def add_rollout_migrations(self, specs: list[dict[str, Any]]) -> None:
+        """Load the rollout file's migrations that lead to a format this member reads."""
+        import importlib
+
+        for m in specs:
+            src, dst = int(m["from_format"]), int(m["to_format"])
+            if src in self.formats.reads or src in self.rollout_migrations:
+                continue
+            if dst not in self.formats.reads:
+                continue
+            module, _, attr = str(m["function"]).partition(":")
+            try:
+                fn = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as exc:
+                raise StateFormatError(
+                    f"cannot load state migration {m['function']!r}: {exc}",
+                    field="state_migrations",
+                ) from None
+            self.rollout_migrations[src] = fn
+
+    def _decode(self, value: bytes, fmt: int) -> Any:
+        v = json.loads(value)
+        if fmt in self.formats.reads:
+            return v
+        migrate = self.formats.migrations.get(fmt) or self.rollout_migrations.get(fmt)
+        if migrate is None:
+            raise StateFormatError(
+                f"changelog {self.topic} holds state format {fmt}; this member reads "
+                f"{sorted(self.formats.reads)} and has no migration from {fmt}",
+                field="state_formats",
+            )
+        return migrate(v)
+
+    def restore(
+        self, partition: int, *, until: int | None = None, timeout: float = 60.0
+    ) -> Restored:
+        """Read the changelog partition to its end (and, with ``until``, to that marker)."""
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+        started = time.monotonic()
+        data: dict[str, Any] = {}
+        pending: list[tuple[bytes, bytes | None, int, int]] = []
+        through: int | None = None
+        records = 0
+        c = Consumer(self.config)
+        try:
+            _, high = c.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=10)
+            c.assign([TopicPartition(self.topic, partition, OFFSET_BEGINNING)])
+            position = 0
+            deadline = started + timeout
+            while position < high or (until is not None and through != until):
+                if time.monotonic() > deadline:
+                    raise BrokerError(
+                        f"restoring {self.topic}[{partition}] did not reach offset {until} "
+                        f"within {timeout} s (at {through})"
+                    )
+                for msg in c.consume(num_messages=10_000, timeout=0.2):
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            position = max(position, msg.offset())
+                            if until is not None and through != until:
+                                # The marker we wait for may still be on its way.
+                                _, high = c.get_watermark_offsets(
+                                    TopicPartition(self.topic, partition), timeout=10
+                                )
+                            continue
+                        raise BrokerError(f"restoring {self.topic}[{partition}]: {err}")
+                    records += 1
+                    position = msg.offset() + 1
+                    hdrs = msg.headers()
+                    epoch = int(_header(hdrs, H_EPOCH) or b"0")
+                    fmt = int(_header(hdrs, H_FORMAT) or b"1")
+                    if msg.key() == MARKER_KEY:
+                        # A batch counts only when its marker arrives, and only the records
+                        # its writer (same epoch) wrote: a crashed writer's partial batch is
+                        # dropped.
+                        for key, value, e, f in pending:
+                            if e != epoch:
+                                continue
+                            if value is None:
+                                data.pop(key.decode(), None)
+                            else:
+                                data[key.decode()] = self._decode(value, f)
+                        pending.clear()
+                        through = int(msg.value())
+                    else:
+                        pending.append((msg.key(), msg.value(), epoch, fmt))
+        finally:
+            c.close()
+        return Restored(partition, data, through, records, time.monotonic() - started)
+
+
+def ensure_changelog(bootstrap: str, topic: str, partitions: int, admin_create: Any = None) -> None:
+    """Create the compacted changelog topic if it is missing (AdminClient on a real broker).
+
+    ``admin_create(name, partitions)`` overrides creation (the embedded test broker has no
+    CreateTopics: pass its ``create_topic``).
+    """
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    md = admin.list_topics(topic, timeout=10)
+    t = md.topics.get(topic)
+    if t is not None and t.error is None and len(t.partitions) >= partitions:
+        return
+    if admin_create is not None:
+        admin_create(topic, partitions)
+        return
+    futures = admin.create_topics(
+        [NewTopic(topic, partitions, config={"cleanup.policy": "compact"})]
+    )
+    for f in futures.values():
+        try:
+            f.result(30)
+        except Exception as exc:  # the broker's error, shown to the operator
+            raise BrokerError(f"cannot create changelog topic {topic!r}: {exc}") from None
