@@ -133,13 +133,12 @@ def _probe(bootstrap: str, timeout: float, source: str) -> None:
     from confluent_kafka.admin import AdminClient
 
     errors: list[str] = []
-    admin = AdminClient(
-        {
-            "bootstrap.servers": bootstrap,
-            "error_cb": lambda err: errors.append(err.str()),
-            "log_level": 0,
-        }
-    )
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "error_cb": lambda err: errors.append(err.str()),
+        "log_level": 0,
+    }
+    admin = AdminClient(config)
     try:
         admin.list_topics(timeout=timeout)
     except KafkaException as exc:

@@ -262,6 +262,16 @@ def test_external_broker_that_does_not_answer_is_unavailable_in_one_line() -> No
     assert "unset PUBSUB_CANARY_KAFKA_BOOTSTRAP" in info.value.message
 
 
+def test_admin_topic_creation_on_the_mock_names_its_limit() -> None:
+    # The AdminClient path used for real brokers, aimed at the mock, which lacks CreateTopics.
+    with EmbeddedKafka(brokers=1) as kafka:
+        external = ExternalKafka(kafka.bootstrap_servers).start()
+        with pytest.raises(BrokerError) as info:
+            external.create_topic("needs-create-topics", 3, timeout=1)
+    assert "\n" not in info.value.message
+    assert "mock cluster" in info.value.message and "--topic NAME:PARTITIONS" in info.value.message
+
+
 # -- pubsub-canary dev kafka -------------------------------------------------------------------
 
 

@@ -190,3 +190,67 @@ def test_embedded_kafka_checks_its_arguments_without_starting() -> None:
     assert idle.pid is None
     with pytest.raises(BackendUnavailable, match="not running"):
         _ = idle.bootstrap_servers
+
+
+class _Started:
+    """Stands in for a backend class: records that it was started, starts nothing."""
+
+    def __init__(self, kind: str, fail: bool = False) -> None:
+        self.kind, self.fail = kind, fail
+
+    def __call__(self, *args: object, **kwargs: object) -> _Started:
+        return self
+
+    def start(self) -> _Started:
+        if self.fail:
+            raise BackendUnavailable(f"{self.kind} failed")
+        return self
+
+
+@pytest.fixture
+def no_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("PUBSUB_CANARY_KAFKA_BOOTSTRAP", "PUBSUB_EMULATOR_HOST", "PUBSUB_CANARY_DOCKER"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    ("env", "docker", "docker_fails", "expected"),
+    [
+        ("broker:9092", True, False, "external"),  # the env var wins over Docker
+        (None, True, False, "docker"),
+        (None, True, True, "embedded"),  # Docker answers but gives no broker: fall through
+        (None, False, False, "embedded"),
+    ],
+)
+def test_start_kafka_order(
+    no_env: pytest.MonkeyPatch, env: str | None, docker: bool, docker_fails: bool, expected: str
+) -> None:
+    if env is not None:
+        no_env.setenv("PUBSUB_CANARY_KAFKA_BOOTSTRAP", env)
+    no_env.setattr(kafka, "docker_status", lambda: (docker, "test"))
+    no_env.setattr(kafka, "ExternalKafka", _Started("external"))
+    no_env.setattr(kafka, "DockerKafka", _Started("docker", fail=docker_fails))
+    no_env.setattr(kafka, "EmbeddedKafka", _Started("embedded"))
+    assert kafka.start_kafka().kind == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "docker", "docker_fails", "expected"),
+    [
+        ("127.0.0.1:8085", True, False, "external"),
+        (None, True, False, "docker"),
+        (None, True, True, "local"),
+        (None, False, False, "local"),
+    ],
+)
+def test_start_pubsub_order(
+    no_env: pytest.MonkeyPatch, env: str | None, docker: bool, docker_fails: bool, expected: str
+) -> None:
+    if env is not None:
+        no_env.setenv("PUBSUB_EMULATOR_HOST", env)
+    no_env.setattr(pubsub, "docker_status", lambda: (docker, "test"))
+    no_env.setattr(pubsub, "PubSubBackend", _Started("external"))
+    no_env.setattr(pubsub, "DockerPubSub", _Started("docker", fail=docker_fails))
+    no_env.setattr(pubsub, "PubSubEmulator", _Started("local"))
+    assert pubsub.start_pubsub().kind == expected
