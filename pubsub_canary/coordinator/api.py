@@ -8,17 +8,20 @@ abort. This module is also the one place where errors become HTTP status codes: 
 
 from __future__ import annotations
 
+import hmac
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import Body, FastAPI, Request
+from fastapi import Body, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from pubsub_canary.coordinator.metrics import build_registry
 from pubsub_canary.coordinator.service import Coordinator
+from pubsub_canary.coordinator.web import add_web_routes
 from pubsub_canary.core.model import parse_rollout_spec, rollout_json_schema
 from pubsub_canary.core.observations import CohortObservations
 from pubsub_canary.errors import CanaryError, ConfigError
@@ -51,6 +54,38 @@ class ReleaseRequest(BaseModel):
 Action = Literal["approve", "promote", "pause", "resume", "abort"]
 
 
+class Unauthorized(CanaryError):
+    """An operator endpoint was called without the coordinator's operator token, or a wrong one.
+
+    Send ``Authorization: Bearer <token>`` with the token the coordinator was started with.
+    """
+
+    http_status = 401
+
+
+# Module level: the dependency's annotation below is resolved against this module's globals.
+_BEARER = HTTPBearer(auto_error=False, description="the coordinator's operator token")
+
+
+def _operator_guard(token: str | None) -> list[Any]:
+    """Dependencies of the mutating operator endpoints: none, or a bearer-token check."""
+    if token is None:
+        return []
+    if not token:
+        raise ConfigError("operator_token is empty; pass None to leave operator endpoints open")
+
+    def check(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
+        if creds is None:
+            raise Unauthorized(
+                "this coordinator needs an operator token for this action: "
+                "send 'Authorization: Bearer <token>'"
+            )
+        if not hmac.compare_digest(creds.credentials.encode(), token.encode()):
+            raise Unauthorized("the operator token is wrong; nothing was changed")
+
+    return [Depends(check)]
+
+
 def _metrics(data: dict[str, Any]) -> CohortObservations:
     """A heartbeat's observation deltas; malformed ones are the member's error, not a 500."""
     try:
@@ -64,8 +99,14 @@ def _metrics(data: dict[str, Any]) -> CohortObservations:
         ) from None
 
 
-def create_app(coordinator: Coordinator, *, manage_lifecycle: bool = True) -> FastAPI:
-    """The ASGI app for ``coordinator``; starts and stops its background threads."""
+def create_app(
+    coordinator: Coordinator, *, manage_lifecycle: bool = True, operator_token: str | None = None
+) -> FastAPI:
+    """The ASGI app for ``coordinator``; starts and stops its background threads.
+
+    With ``operator_token``, applying a rollout and the operator actions need
+    ``Authorization: Bearer <operator_token>``; member endpoints and reads stay open.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
@@ -89,10 +130,13 @@ def create_app(coordinator: Coordinator, *, manage_lifecycle: bool = True) -> Fa
     )
     registry = build_registry(coordinator)
     c = coordinator
+    operator = _operator_guard(operator_token)
+    app.state.operator_token_required = operator_token is not None
 
     @app.exception_handler(CanaryError)
     async def canary_error(request: Request, exc: CanaryError) -> JSONResponse:
-        return JSONResponse(status_code=exc.http_status, content=exc.to_dict())
+        challenge = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        return JSONResponse(status_code=exc.http_status, content=exc.to_dict(), headers=challenge)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -138,7 +182,7 @@ def create_app(coordinator: Coordinator, *, manage_lifecycle: bool = True) -> Fa
     def list_rollouts() -> list[dict[str, Any]]:
         return c.list_rollouts()
 
-    @app.post("/v1/rollouts", status_code=201, tags=["rollouts"])
+    @app.post("/v1/rollouts", status_code=201, tags=["rollouts"], dependencies=operator)
     def apply(
         spec: Annotated[dict[str, Any], Body(description="a rollout file, as JSON")],
     ) -> Any:
@@ -148,7 +192,7 @@ def create_app(coordinator: Coordinator, *, manage_lifecycle: bool = True) -> Fa
     def status(name: str) -> dict[str, Any]:
         return c.status(name)
 
-    @app.post("/v1/rollouts/{name}/{action}", tags=["rollouts"])
+    @app.post("/v1/rollouts/{name}/{action}", tags=["rollouts"], dependencies=operator)
     def act(name: str, action: Action, by: str = "operator") -> dict[str, Any]:
         return c.act(name, action, by=by)
 
@@ -156,4 +200,5 @@ def create_app(coordinator: Coordinator, *, manage_lifecycle: bool = True) -> Fa
     def schema() -> dict[str, Any]:
         return rollout_json_schema()
 
+    add_web_routes(app)
     return app
