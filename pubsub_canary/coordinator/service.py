@@ -95,6 +95,8 @@ class LiveGroup:
     #: unit -> the last position a presumed-dead owner reported: the next owner counts the
     #: messages below it as redeliveries (duplicates after a crash are counted, I3).
     redeliver: dict[int, int] = field(default_factory=dict)
+    #: (rollout, step, cohort) -> the units its current lag samples were summed over.
+    lag_units: dict[tuple[str, int, str], frozenset[int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -460,8 +462,7 @@ class Coordinator:
         problems = state_format_problems(support["stable"], support["canary"], migrations)
         if problems:
             raise ConflictError(
-                f"rollout {spec.name!r} refused before any partition moves: "
-                + "; ".join(problems),
+                f"rollout {spec.name!r} refused before any partition moves: " + "; ".join(problems),
                 rollout=spec.name,
                 field="state_formats",
             )
@@ -694,7 +695,12 @@ class Coordinator:
                     produced = sum(offsets[u][1] for u in mine if u in offsets)
                     k = (r.name, r.state.step, c.value)
                     o = self.observations.get(k, CohortObservations())
-                    samples = (*o.lag, LagSample(at, lag, produced))[-MAX_LAG_SAMPLES:]
+                    # Lag and produced are sums over the cohort's units: samples taken over
+                    # another set of units do not compare, so a changed set restarts the window.
+                    units_now = frozenset(mine)
+                    previous = o.lag if g.lag_units.get(k) == units_now else ()
+                    g.lag_units[k] = units_now
+                    samples = (*previous, LagSample(at, lag, produced))[-MAX_LAG_SAMPLES:]
                     self.observations[k] = replace(o, lag=samples)
                     self._obs_dirty.add(k)
 

@@ -84,6 +84,7 @@ def start(
     canary: int = 1,
     hold: float = 2.0,
     fail_after: float | None = None,
+    outage: bool = False,
     **spec_overrides: Any,
 ) -> None:
     for _ in range(stable):
@@ -94,6 +95,9 @@ def start(
         )
     spec = rollout_spec(name, h.topic, h.group, h.dlq_topic, hold)
     spec.update(spec_overrides)
+    if outage:
+        # The scenario stops processing on purpose: the lag that builds is not the canary's.
+        spec["analysis"] = {**spec["analysis"], "lag_growth": None}
     time.sleep(1.5)
     h.client.apply(spec)
     h.rollout = name  # type: ignore[attr-defined]
@@ -126,7 +130,7 @@ def test_regression_is_rolled_back_automatically(cluster: Harness) -> None:
 
 
 def test_canary_sigkill_mid_step_loses_nothing(cluster: Harness) -> None:
-    start(cluster, "kill", hold=30.0, canary=1)
+    start(cluster, "kill", hold=30.0, canary=1, outage=True)
     status = wait_for(cluster, "kill", ("progressing",), 20)
     time.sleep(3.0)  # the canary processes its share for a while
     status = cluster.client.status("kill")
@@ -144,7 +148,9 @@ def test_canary_sigkill_mid_step_loses_nothing(cluster: Harness) -> None:
     back_after = time.time() - killed_at
     assert all(status["units"][str(u)]["cohort"] == "stable" for u in canary_units)
     assert back_after >= LEASE * 0.5, f"reassigned {back_after:.2f}s after the kill: too early"
-    cluster.client.act("kill", "abort")
+    # The dead canary's partitions fell behind, so the judge may already have rolled back.
+    if cluster.client.status("kill")["active"]:
+        cluster.client.act("kill", "abort")
     report, epochs = finish(cluster)
     counted = cluster.client.status("kill")["cohorts"]["stable"]["total"]["redeliveries"]
     # The coordinator counts redeliveries from the dead member's last reported position: a
@@ -158,7 +164,7 @@ def test_canary_sigkill_mid_step_loses_nothing(cluster: Harness) -> None:
 
 
 def test_coordinator_restart_mid_rollout_resumes(cluster: Harness) -> None:
-    start(cluster, "restart", hold=3.0)
+    start(cluster, "restart", hold=3.0, outage=True)
     wait_for(cluster, "restart", ("progressing",), 20)
     time.sleep(4.0)
     before = cluster.client.status("restart")
@@ -187,6 +193,7 @@ def test_member_cut_off_stops_before_its_lease_is_reassigned(cluster: Harness) -
         cluster.start_member("stable", "1.4.0", coordinator_url=proxy.url)  # stable-3
         cluster.start_member("canary", "1.5.0")
         spec = rollout_spec("cutoff", cluster.topic, cluster.group, cluster.dlq_topic, 60.0)
+        spec["analysis"] = {**spec["analysis"], "lag_growth": None}
         time.sleep(1.5)
         cluster.client.apply(spec)
         cluster.rollout = "cutoff"  # type: ignore[attr-defined]
@@ -204,7 +211,8 @@ def test_member_cut_off_stops_before_its_lease_is_reassigned(cluster: Harness) -
             time.sleep(0.2)
         assert all(status["units"][str(u)]["owner"] != "stable-3" for u in cut_units)
         time.sleep(2.0)
-        cluster.client.act("cutoff", "abort")
+        if cluster.client.status("cutoff")["active"]:
+            cluster.client.act("cutoff", "abort")
         rows = cluster.ledger()
         last_by_cut: dict[int, float] = {}
         first_by_other: dict[int, float] = defaultdict(lambda: float("inf"))
