@@ -53,6 +53,12 @@ def _add_coordinator(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="Kafka brokers, to check topics and read lag (default $PUBSUB_CANARY_KAFKA_BOOTSTRAP)",
     )
     p.add_argument("--lease-seconds", type=float, default=6.0, help="member lease")
+    p.add_argument(
+        "--operator-token",
+        default=os.environ.get("PUBSUB_CANARY_OPERATOR_TOKEN") or None,
+        help="require 'Authorization: Bearer TOKEN' for rollout changes "
+        "(default $PUBSUB_CANARY_OPERATOR_TOKEN; unset: open)",
+    )
 
 
 def _add_rollout(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -61,6 +67,11 @@ def _add_rollout(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--coordinator",
         default=os.environ.get("PUBSUB_CANARY_COORDINATOR", DEFAULT_COORDINATOR),
         help=f"coordinator URL (default $PUBSUB_CANARY_COORDINATOR or {DEFAULT_COORDINATOR})",
+    )
+    p.add_argument(
+        "--operator-token",
+        default=os.environ.get("PUBSUB_CANARY_OPERATOR_TOKEN") or None,
+        help="bearer token for rollout changes (default $PUBSUB_CANARY_OPERATOR_TOKEN)",
     )
     rs = p.add_subparsers(dest="action", required=True)
     apply = rs.add_parser("apply", help="create and start a rollout from a YAML file")
@@ -134,7 +145,7 @@ def _rollout(args: argparse.Namespace) -> int:
         return 0
     from pubsub_canary.client.operator import OperatorClient
 
-    client = OperatorClient(args.coordinator)
+    client = OperatorClient(args.coordinator, token=args.operator_token)
     show = (lambda x: json.dumps(x, indent=2)) if args.json else render_status
     if args.action == "apply":
         spec = _read_spec(args.file)
@@ -164,6 +175,7 @@ def _run(args: argparse.Namespace) -> int:
             store_url=args.store,
             bootstrap_servers=args.bootstrap_servers,
             lease_seconds=args.lease_seconds,
+            operator_token=args.operator_token,
             log_level="debug" if args.verbose else "info",
         )
     if args.command == "rollout":

@@ -40,6 +40,7 @@ def serve(
     store_url: str,
     bootstrap_servers: str | None,
     lease_seconds: float,
+    operator_token: str | None = None,
     log_level: str = "info",
 ) -> int:
     import uvicorn
@@ -54,7 +55,7 @@ def serve(
     store = open_store(store_url)
     broker = KafkaBroker(bootstrap_servers) if bootstrap_servers else None
     coordinator = Coordinator(store, broker, lease_seconds=lease_seconds)
-    app = create_app(coordinator)
+    app = create_app(coordinator, operator_token=operator_token)
     log.info(
         "coordinator on http://%s:%d (store %s, broker %s); API docs at /docs",
         host,
