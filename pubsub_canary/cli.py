@@ -103,6 +103,11 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--stable", type=int, default=3, help="stable member processes")
     p.add_argument("--canary", type=int, default=1, help="canary member processes")
     p.add_argument("--hold", type=float, default=5.0, help="seconds each step holds")
+    p.add_argument(
+        "--stateful",
+        action="store_true",
+        help="members keep per-key running totals as state that moves with each partition",
+    )
     p.add_argument("--workdir", help="where the SQLite store and ledgers go (default: a temp dir)")
     p.add_argument("--json", action="store_true", help="print one JSON summary as last line")
 

@@ -16,9 +16,13 @@ import logging
 import os
 import time
 import zlib
+from typing import Any
 
 from pubsub_canary.client.kafka import KafkaMember
 from pubsub_canary.client.processing import Outcome, PoisonMessage, Record, RetryPolicy
+from pubsub_canary.client.state import PartitionState
+from pubsub_canary.client.stateful import StatefulKafkaMember
+from pubsub_canary.demo.totals import add_to_total
 
 
 class Ledger:
@@ -58,13 +62,28 @@ def main() -> int:
     p.add_argument("--fail-rate", type=float, default=0.0)
     p.add_argument("--fail-after", type=float, help="wall-clock time the failures start")
     p.add_argument("--work-ms", type=float, default=0.0)
+    p.add_argument(
+        "--changelog-topic", help="keep per-key running totals as state, with this changelog"
+    )
     args = p.parse_args()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     ledger = Ledger(args.ledger)
-    member = KafkaMember(
-        make_handler(args.fail_rate, args.fail_after, args.work_ms),
+    work = make_handler(args.fail_rate, args.fail_after, args.work_ms)
+    handler: Any = work
+    member_class: Any = KafkaMember
+    extra: dict[str, Any] = {}
+    if args.changelog_topic:
+
+        def stateful(rec: Record, state: PartitionState) -> None:
+            work(rec)  # the work, and the injected failures
+            add_to_total(rec, state)
+
+        member_class, handler = StatefulKafkaMember, stateful
+        extra = {"changelog_topic": args.changelog_topic}
+    member = member_class(
+        handler,
         coordinator=args.coordinator,
         bootstrap_servers=args.bootstrap_servers,
         topic=args.topic,
@@ -75,6 +94,7 @@ def main() -> int:
         member_id=args.member_id,
         retry=RetryPolicy(max_attempts=2, initial_backoff_seconds=0.001),
         long_poll_seconds=0.5,
+        **extra,
     )
 
     def on_processed(rec: Record, outcome: Outcome, dead: bool) -> None:

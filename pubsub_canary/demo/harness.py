@@ -90,7 +90,7 @@ class SteadyProducer:
                 self._p.produce(
                     self.topic,
                     key=f"user-{n % 997}".encode(),
-                    value=f'{{"seq": {n}}}'.encode(),
+                    value=f'{{"seq": {n}, "amount": {n % 7 + 1}}}'.encode(),
                     on_delivery=self._delivered,
                 )
                 self.sent += 1
@@ -193,6 +193,7 @@ class Harness:
         fail_after: float | None = None,
         work_ms: float = 0.0,
         coordinator_url: str | None = None,
+        changelog_topic: str | None = None,
     ) -> MemberProc:
         self._n += 1
         name = f"{cohort}-{self._n}"
@@ -220,6 +221,8 @@ class Harness:
             "--work-ms",
             str(work_ms),
         ]
+        if changelog_topic:
+            args += ["--changelog-topic", changelog_topic]
         if fail_rate:
             args += ["--fail-rate", str(fail_rate)]
         if fail_after is not None:

@@ -53,6 +53,43 @@ def rollout_spec(name: str, topic: str, group: str, dlq: str, hold: float) -> di
     }
 
 
+def check_state(
+    bootstrap: str, topic: str, group: str, changelog: str, h: Harness
+) -> dict[str, Any]:
+    """Final state (rebuilt from the changelog) against a recomputation from the topic.
+
+    The recomputation is what one owner processing every message once would hold: the sum of
+    the amounts per key of every message the ledgers say was processed (not dead-lettered).
+    """
+    from pubsub_canary.client.state import ChangelogReader, StateFormats
+    from pubsub_canary.demo.totals import read_topic_with_offsets, recompute
+
+    dead = {(p, o) for p, o, _, outcome, _ in h.ledger() if outcome == "dlq"}
+    messages = read_topic_with_offsets(bootstrap, topic)
+    expected = recompute((p, k, v) for p, o, k, v in messages if (p, o) not in dead)
+    reader = ChangelogReader(
+        {"bootstrap.servers": bootstrap, "group.id": group}, changelog, StateFormats()
+    )
+    mismatches = keys = 0
+    partitions = {p for p, *_ in messages}
+    committed = h.watermarks()
+    disagree = 0
+    for p in sorted(partitions):
+        restored = reader.restore(p)
+        want = expected.get(p, {})
+        keys += len(want)
+        mismatches += sum(
+            1 for k in set(want) | set(restored.data) if want.get(k) != restored.data.get(k)
+        )
+        if restored.through != committed[p][0]:
+            disagree += 1
+    return {
+        "state_keys": keys,
+        "state_mismatches": mismatches,
+        "state_offset_disagreements": disagree,
+    }
+
+
 def _line(t0: float, s: dict[str, Any]) -> str:
     parts = [
         f"[{time.monotonic() - t0:6.1f}s] {s['phase']:<13} step {s['step']}/{s['steps']}"
@@ -103,6 +140,9 @@ def run_demo(args: argparse.Namespace) -> int:
             say(f"Kafka: embedded test broker (librdkafka mock) at {kafka.bootstrap_servers}")
         kafka.create_topic(topic, args.partitions)
         kafka.create_topic(dlq, 1)
+        changelog = f"{group}.changelog" if args.stateful else None
+        if changelog:
+            kafka.create_topic(changelog, args.partitions)
         h = Harness(
             workdir,
             bootstrap=kafka.bootstrap_servers,
@@ -118,7 +158,7 @@ def run_demo(args: argparse.Namespace) -> int:
         producer = SteadyProducer(kafka.bootstrap_servers, topic, args.rate).start()
         stack.callback(producer.stop)
         for _ in range(args.stable):
-            h.start_member("stable", STABLE_VERSION)
+            h.start_member("stable", STABLE_VERSION, changelog_topic=changelog)
         onset: float | None = None
         spec = rollout_spec(name, topic, group, dlq, args.hold)
         if args.scenario == "regression":
@@ -130,6 +170,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 CANARY_VERSION,
                 fail_rate=0.3 if onset else 0.0,
                 fail_after=onset,
+                changelog_topic=changelog,
             )
         time.sleep(2.0)  # members register and stable starts consuming
         status = h.client.apply(spec)
@@ -148,6 +189,9 @@ def run_demo(args: argparse.Namespace) -> int:
         h.stop_members()
         report = h.report()
         h.stop_coordinator()
+        state = (
+            check_state(kafka.bootstrap_servers, topic, group, changelog, h) if changelog else {}
+        )
         decisions = final["decisions"]
         rollback_at = final.get("rollback_started_at")
         summary = {
@@ -171,11 +215,13 @@ def run_demo(args: argparse.Namespace) -> int:
             "decisions": [d["reason"] for d in decisions],
             "workdir": str(workdir) if args.workdir else None,
             "status_page": f"{h.url}/",
+            **state,
         }
         if report.produced != produced:
             log.warning("producer sent %d, topic holds %d", produced, report.produced)
         expected = "promoted" if args.scenario == "healthy" else "rolled_back"
         ok = final["phase"] == expected and report.lost == 0 and report.duplicates == 0
+        ok = ok and state.get("state_mismatches", 0) == 0
         if quiet:
             print(json.dumps(summary))
         else:

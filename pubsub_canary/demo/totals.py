@@ -39,6 +39,13 @@ def recompute(
 
 def read_topic(bootstrap: str, topic: str) -> list[tuple[int, bytes | None, bytes | None]]:
     """Every message of ``topic`` as (partition, key, value), read with assign() from 0."""
+    return [(p, k, v) for p, _, k, v in read_topic_with_offsets(bootstrap, topic)]
+
+
+def read_topic_with_offsets(
+    bootstrap: str, topic: str
+) -> list[tuple[int, int, bytes | None, bytes | None]]:
+    """Like :func:`read_topic`, with offsets: (partition, offset, key, value)."""
     from confluent_kafka import Consumer, TopicPartition
 
     c = Consumer(
@@ -57,7 +64,7 @@ def read_topic(bootstrap: str, topic: str) -> list[tuple[int, bytes | None, byte
         while any(pos[p] < highs[p] for p in parts):
             for m in c.consume(num_messages=5000, timeout=1.0):
                 if m.error() is None and m.offset() < highs[m.partition()]:
-                    out.append((m.partition(), m.key(), m.value()))
+                    out.append((m.partition(), m.offset(), m.key(), m.value()))
                     pos[m.partition()] = m.offset() + 1
         return out
     finally:

@@ -147,3 +147,16 @@ def test_demo_json_summary(scenario: str, outcome: str) -> None:
     else:
         assert summary["max_canary_share"] == 100
         assert summary["dead_lettered"] == 0
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_stateful_demo_state_matches_a_recomputation() -> None:
+    p = run("demo", "--stateful", "--scenario", "regression", "--hold", "2", "--json", timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert summary["outcome"] == "rolled_back"
+    assert summary["state_keys"] > 0
+    assert summary["state_mismatches"] == 0
+    assert summary["state_offset_disagreements"] == 0
+    assert summary["lost"] == 0 and summary["duplicates"] == 0
