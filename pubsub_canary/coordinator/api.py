@@ -19,6 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from pubsub_canary.coordinator.gates import gates_router
 from pubsub_canary.coordinator.metrics import build_registry
 from pubsub_canary.coordinator.service import Coordinator
 from pubsub_canary.coordinator.web import add_web_routes
@@ -201,4 +202,5 @@ def create_app(
         return rollout_json_schema()
 
     add_web_routes(app)
+    app.include_router(gates_router(c))
     return app
