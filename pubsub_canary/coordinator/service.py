@@ -152,6 +152,10 @@ class Coordinator:
         #: Rollouts that have had a live canary member (in this coordinator's lifetime).
         self._canary_seen: set[str] = set()
         self.handoff_listeners: list[Callable[[HandoffEvent], None]] = []
+        #: Pub/Sub groups: route counters of members that left (group -> member -> positions),
+        #: and the last route digest per group (a change wakes long-polling members).
+        self._pubsub_retired: dict[str, dict[str, dict[int, int]]] = {}
+        self._pubsub_digests: dict[str, str] = {}
         self._load()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -250,6 +254,7 @@ class Coordinator:
                 self._check_state_formats(key, active.spec, extra=rec)
             self.store.put_member(rec)
             self.members[mid] = LiveMember(rec, self.clock.monotonic() + self.lease_seconds)
+            self._pubsub_retired.get(key, {}).pop(mid, None)  # it reports its counts again
             log.info("member %s registered: %s %s version %s", mid, key, c.value, version)
             self._reconcile_group(group, self.clock.monotonic())
             return {"member_id": mid, "group": key, "lease_seconds": self.lease_seconds}
@@ -374,9 +379,13 @@ class Coordinator:
             if r.group_key == g.record.key
             for m in r.spec.state_migrations
         }
+        route = self._pubsub_route(g) if g.record.transport == "pubsub" else None
+        if route is not None:
+            digest = f"{digest}|{route['digest']}"
         return {
             "state_migrations": list(migrations.values()),
             "digest": digest,
+            **({"route": route} if route is not None else {}),
             "units": units,
             "lease_seconds": self.lease_seconds,
             "idle": not units,
@@ -553,6 +562,7 @@ class Coordinator:
             for g in self.groups.values():
                 self._reconcile_group(g, now)
             self._expire_members(now)
+            self._pubsub_tick()
             self._flush_observations(every=1.0)
 
     def cohort_observations(
@@ -607,6 +617,7 @@ class Coordinator:
                 if g is not None and any(u.owner == mid for u in g.units.values()):
                     continue  # reclaimed by the reconcile above first
                 log.warning("member %s lost its lease; its work was reassigned", mid)
+                self._pubsub_retire(m)
                 del self.members[mid]
                 self.store.delete_member(mid)
                 self._bump()
@@ -673,6 +684,7 @@ class Coordinator:
 
     def sample_lag(self) -> None:
         """Read committed offsets and watermarks; add a lag sample per cohort of each rollout."""
+        self._sample_pubsub_lag()
         if self.broker is None:
             return
         with self._lock:
@@ -702,6 +714,80 @@ class Coordinator:
                     g.lag_units[k] = units_now
                     samples = (*previous, LagSample(at, lag, produced))[-MAX_LAG_SAMPLES:]
                     self.observations[k] = replace(o, lag=samples)
+                    self._obs_dirty.add(k)
+
+    # --- Pub/Sub groups -----------------------------------------------------------------------
+    # Buckets are shared by a cohort, not owned by a member: every Pub/Sub member gets the
+    # group-wide route (client/routing.py, docs/pubsub.md). Members report route counters and
+    # the age of their oldest unprocessed message in ``positions`` under negative keys.
+
+    def _pubsub_route(self, g: LiveGroup) -> dict[str, Any]:
+        from pubsub_canary.client.routing import MemberRoute, route_view
+
+        key = g.record.key
+        now = self.clock.monotonic()
+        cohort_of = {mid: m.record.cohort for mid, m in self.members.items()}
+        rollouts = [r for r in self.rollouts.values() if r.group_key == key]
+        latest = max(rollouts, key=lambda r: r.created_at, default=None)
+        return route_view(
+            buckets=g.record.units,
+            generation=latest.name if latest is not None else None,
+            target_cohort={u: cohort_of.get(t or "") for u, t in g.target.items()},
+            owner_cohort={u: cohort_of.get(s.owner or "") for u, s in g.units.items()},
+            members=[
+                MemberRoute(
+                    mid, m.record.cohort, m.lease_expires + self.margin_seconds > now, m.positions
+                )
+                for mid, m in self.members.items()
+                if m.record.group_key == key
+            ],
+            retired=self._pubsub_retired.get(key, {}).values(),
+        )
+
+    def _pubsub_retire(self, m: LiveMember) -> None:
+        if m.record.group_key.startswith("pubsub:"):
+            counts = {k: v for k, v in m.positions.items() if k < 0}
+            self._pubsub_retired.setdefault(m.record.group_key, {})[m.record.member_id] = counts
+
+    def _pubsub_tick(self) -> None:
+        """Wake members when a route changed through counters alone (a drain completed)."""
+        for g in self.groups.values():
+            if g.record.transport == "pubsub":
+                digest = str(self._pubsub_route(g)["digest"])
+                if self._pubsub_digests.get(g.record.key, digest) != digest:
+                    self._bump()
+                self._pubsub_digests[g.record.key] = digest
+
+    def _sample_pubsub_lag(self) -> None:
+        """Per cohort, the age of the oldest unprocessed message its live members hold.
+
+        ``lag`` is that age in milliseconds and ``produced`` the sample's time in
+        milliseconds, so the judge's lag growth reads as how fast the oldest message ages
+        relative to the clock: 0 for a cohort that keeps up, 1 for one that processes nothing.
+        """
+        from pubsub_canary.client.routing import POSITION_AGE_MS
+
+        with self._lock:
+            now = self.clock.monotonic()
+            at = self.clock.wall()
+            for key, g in self.groups.items():
+                r = self._active_rollout(key)
+                if g.record.transport != "pubsub" or r is None or not r.state.phase.judged:
+                    continue
+                for c in (Cohort.STABLE, Cohort.CANARY):
+                    ages = [
+                        m.positions.get(POSITION_AGE_MS, 0)
+                        for m in self.members.values()
+                        if m.record.group_key == key
+                        and m.record.cohort == c.value
+                        and m.lease_expires > now
+                    ]
+                    if not ages:
+                        continue
+                    k = (r.name, r.state.step, c.value)
+                    o = self.observations.get(k, CohortObservations())
+                    sample = LagSample(at, max(ages), int(at * 1000))
+                    self.observations[k] = replace(o, lag=(*o.lag, sample)[-MAX_LAG_SAMPLES:])
                     self._obs_dirty.add(k)
 
     # --- reads --------------------------------------------------------------------------------
