@@ -297,6 +297,7 @@ class KafkaMember:
         assert s is not None
         self._seen_generation = s.generation
         view = s.view()
+        self._view_changed(view)
         to_release = [
             g
             for p, g in self._held.items()
@@ -446,6 +447,9 @@ class KafkaMember:
     ) -> dict[int, int | None]:
         """Before newly granted partitions are assigned: may change where each starts."""
         return starts
+
+    def _view_changed(self, view: dict[int, UnitGrant]) -> None:
+        """The coordinator's view of this member changed (before grants and releases)."""
 
     def _before_commit(self, parts: list[int]) -> None:
         """Before offsets of ``parts`` are committed (after the producer flush, they are)."""

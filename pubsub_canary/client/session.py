@@ -79,6 +79,7 @@ class MemberSession:
         self.generation = 0  # bumped whenever the view changes
         self._pending = CohortObservations()
         self._positions: dict[int, int] = {}
+        self._warm: dict[int, int] = {}  # unit -> changelog records still to read
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.changed = threading.Event()
@@ -140,6 +141,7 @@ class MemberSession:
         with self._lock:
             metrics, self._pending = self._pending, CohortObservations()
             positions = dict(self._positions)
+            warm = dict(self._warm)
             known = self._digest
 
         request = {
@@ -147,6 +149,7 @@ class MemberSession:
             "wait": wait,
             "metrics": obs_to_dict(metrics) if metrics.processed or metrics.kpis else None,
             "positions": positions,
+            "warm": warm,
         }
         t_send = time.monotonic()
         try:
@@ -206,6 +209,14 @@ class MemberSession:
         with self._lock:
             self._pending = self._pending.merge(delta)
             self._positions.update(positions)
+
+    def report_warm(self, unit: int, behind: int | None) -> None:
+        """How far a unit being warmed up is from the changelog's end (None: not warming)."""
+        with self._lock:
+            if behind is None:
+                self._warm.pop(unit, None)
+            else:
+                self._warm[unit] = behind
 
     def release(self, released: list[tuple[int, int, int | None]]) -> None:
         assert self.member_id is not None

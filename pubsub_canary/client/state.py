@@ -238,64 +238,113 @@ class ChangelogReader:
             )
         return migrate(v)
 
+    def tail(self, partition: int) -> ChangelogTail:
+        """A reader of one changelog partition that can stop and resume (for warming up)."""
+        return ChangelogTail(self, partition)
+
     def restore(
         self, partition: int, *, until: int | None = None, timeout: float = 60.0
     ) -> Restored:
         """Read the changelog partition to its end (and, with ``until``, to that marker)."""
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
-
-        started = time.monotonic()
-        data: dict[str, Any] = {}
-        pending: list[tuple[bytes, bytes | None, int, int]] = []
-        through: int | None = None
-        records = 0
-        c = Consumer(self.config)
+        t = self.tail(partition)
         try:
-            _, high = c.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=10)
-            c.assign([TopicPartition(self.topic, partition, OFFSET_BEGINNING)])
-            position = 0
-            deadline = started + timeout
-            while position < high or (until is not None and through != until):
-                if time.monotonic() > deadline:
-                    raise BrokerError(
-                        f"restoring {self.topic}[{partition}] did not reach offset {until} "
-                        f"within {timeout} s (at {through})"
-                    )
-                for msg in c.consume(num_messages=10_000, timeout=0.2):
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            position = max(position, msg.offset())
-                            if until is not None and through != until:
-                                # The marker we wait for may still be on its way.
-                                _, high = c.get_watermark_offsets(
-                                    TopicPartition(self.topic, partition), timeout=10
-                                )
-                            continue
-                        raise BrokerError(f"restoring {self.topic}[{partition}]: {err}")
-                    records += 1
-                    position = msg.offset() + 1
-                    hdrs = msg.headers()
-                    epoch = int(_header(hdrs, H_EPOCH) or b"0")
-                    fmt = int(_header(hdrs, H_FORMAT) or b"1")
-                    if msg.key() == MARKER_KEY:
-                        # A batch counts only when its marker arrives, and only the records
-                        # its writer (same epoch) wrote: a crashed writer's partial batch is
-                        # dropped.
-                        for key, value, e, f in pending:
-                            if e != epoch:
-                                continue
-                            if value is None:
-                                data.pop(key.decode(), None)
-                            else:
-                                data[key.decode()] = self._decode(value, f)
-                        pending.clear()
-                        through = int(msg.value())
-                    else:
-                        pending.append((msg.key(), msg.value(), epoch, fmt))
+            return t.catch_up(until=until, timeout=timeout)
         finally:
-            c.close()
-        return Restored(partition, data, through, records, time.monotonic() - started)
+            t.close()
+
+
+class ChangelogTail:
+    """Reads one changelog partition from the start, applying complete batches as they come.
+
+    A member warming up a partition it is about to own polls it in the background; on the grant
+    it catches up to the old owner's final marker, which is then only a short tail away.
+    """
+
+    def __init__(self, reader: ChangelogReader, partition: int) -> None:
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        self.reader = reader
+        self.partition = partition
+        self.data: dict[str, Any] = {}
+        self.through: int | None = None
+        self.records = 0
+        self.position = 0
+        self._pending: list[tuple[bytes, bytes | None, int, int]] = []
+        self._high = 0
+        self._high_at = 0.0
+        self._started = time.monotonic()
+        self._tp = TopicPartition(reader.topic, partition)
+        self._c = Consumer(reader.config)
+        self._c.assign([TopicPartition(reader.topic, partition, OFFSET_BEGINNING)])
+
+    def high_watermark(self, max_age: float = 0.0) -> int:
+        now = time.monotonic()
+        if now - self._high_at >= max_age:
+            self._high = self._c.get_watermark_offsets(self._tp, timeout=10, cached=False)[1]
+            self._high_at = now
+        return self._high
+
+    def behind(self) -> int:
+        """Changelog records not read yet (refreshed at most every 0.2 s)."""
+        return max(0, self.high_watermark(max_age=0.2) - self.position)
+
+    def poll(self, timeout: float = 0.2) -> int:
+        """Read what is there (up to 10,000 records); returns how many were read."""
+        from confluent_kafka import KafkaError
+
+        n = 0
+        for msg in self._c.consume(num_messages=10_000, timeout=timeout):
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    self.position = max(self.position, msg.offset())
+                    continue
+                raise BrokerError(f"reading {self.reader.topic}[{self.partition}]: {err}")
+            n += 1
+            self.records += 1
+            self.position = msg.offset() + 1
+            hdrs = msg.headers()
+            epoch = int(_header(hdrs, H_EPOCH) or b"0")
+            fmt = int(_header(hdrs, H_FORMAT) or b"1")
+            if msg.key() == MARKER_KEY:
+                # A batch counts only when its marker arrives, and only the records its writer
+                # (same epoch) wrote: a crashed writer's partial batch is dropped.
+                for key, value, e, f in self._pending:
+                    if e != epoch:
+                        continue
+                    if value is None:
+                        self.data.pop(key.decode(), None)
+                    else:
+                        self.data[key.decode()] = self.reader._decode(value, f)
+                self._pending.clear()
+                self.through = int(msg.value())
+            else:
+                self._pending.append((msg.key(), msg.value(), epoch, fmt))
+        return n
+
+    def catch_up(self, *, until: int | None = None, timeout: float = 60.0) -> Restored:
+        """Read to the end of the partition, and with ``until`` to that offset's marker."""
+        started = time.monotonic()
+        deadline = started + timeout
+        high = self.high_watermark()
+        while self.position < high or (until is not None and self.through != until):
+            if time.monotonic() > deadline:
+                raise BrokerError(
+                    f"restoring {self.reader.topic}[{self.partition}] did not reach offset "
+                    f"{until} within {timeout} s (at {self.through})"
+                )
+            if self.poll(0.1) == 0 and self.position >= high:
+                high = self.high_watermark()  # the marker we wait for may still be on its way
+        return Restored(
+            self.partition,
+            self.data,
+            self.through,
+            self.records,
+            time.monotonic() - started,
+        )
+
+    def close(self) -> None:
+        self._c.close()
 
 
 def ensure_changelog(bootstrap: str, topic: str, partitions: int, admin_create: Any = None) -> None:

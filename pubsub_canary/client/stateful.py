@@ -13,14 +13,16 @@ a rollout whose stable version could not read the canary's state before any part
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from pubsub_canary.client.kafka import KafkaMember
 from pubsub_canary.client.processing import Record
-from pubsub_canary.client.session import UnitGrant
+from pubsub_canary.client.session import MemberSession, UnitGrant
 from pubsub_canary.client.state import (
     ChangelogReader,
+    ChangelogTail,
     ChangelogWriter,
     Migration,
     PartitionState,
@@ -69,8 +71,9 @@ class StatefulKafkaMember(KafkaMember):
         self.states: dict[int, PartitionState] = {}
         self._writer: ChangelogWriter | None = None
         self._reader = ChangelogReader(self._consumer_config, self.changelog_topic, self.formats)
-        #: Per partition: seconds spent restoring state on the last grant.
+        #: Per partition: seconds spent restoring state on the last grant (after warm-up).
         self.restore_seconds: dict[int, float] = {}
+        self._warmers: dict[int, Warmer] = {}
 
     @staticmethod
     def _unused(record: Record) -> object:  # pragma: no cover - replaced by _call
@@ -115,8 +118,15 @@ class StatefulKafkaMember(KafkaMember):
             want = starts[g.unit]
             # A graceful handoff names the offset the old owner's last marker reflects: read
             # the changelog up to that marker. After a crash (no offset) take the last
-            # complete checkpoint, whatever the committed offset says.
-            restored = self._reader.restore(g.unit, until=want)
+            # complete checkpoint, whatever the committed offset says. A unit warmed up in
+            # the background only has the last few batches left to read.
+            warmer = self._warmers.pop(g.unit, None)
+            tail = warmer.finish() if warmer is not None else self._reader.tail(g.unit)
+            self.session.report_warm(g.unit, None)
+            try:
+                restored = tail.catch_up(until=want)
+            finally:
+                tail.close()
             self.states[g.unit] = PartitionState(g.unit, restored.data)
             self.restore_seconds[g.unit] = restored.seconds
             if restored.through is not None:
@@ -138,6 +148,55 @@ class StatefulKafkaMember(KafkaMember):
             if p in self.states and p in self._held:
                 self._writer.checkpoint(p, self._held[p].epoch, self._next[p], self.states[p])
 
+    def _view_changed(self, view: dict[int, UnitGrant]) -> None:
+        warming = {u for u, g in view.items() if g.status == "warming"}
+        for u in list(self._warmers):
+            if u not in warming and not (u in view and view[u].status == "owned"):
+                self._warmers.pop(u).finish().close()  # the move was called off
+                assert self.session is not None
+                self.session.report_warm(u, None)
+        for u in warming - set(self._warmers):
+            assert self.session is not None
+            self._warmers[u] = Warmer(self._reader.tail(u), self.session)
+
+    def _close(self) -> None:
+        for w in self._warmers.values():
+            w.finish().close()
+        self._warmers.clear()
+        super()._close()
+
     def _forget(self, parts: list[int]) -> None:
         for p in parts:
             self.states.pop(p, None)
+
+
+class Warmer:
+    """Reads a changelog partition in the background while another member still owns it.
+
+    It reports how far it is from the changelog's end with every heartbeat; the coordinator
+    revokes the partition from its owner once this is small, so the handoff only waits for the
+    last few batches instead of the whole state.
+    """
+
+    def __init__(self, tail: ChangelogTail, session: MemberSession) -> None:
+        self.tail = tail
+        self.session = session
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"warm-{tail.partition}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.tail.poll(0.1)
+                self.session.report_warm(self.tail.partition, self.tail.behind())
+        except Exception as exc:  # the grant restores cold instead
+            log.warning("warming partition %s failed: %s", self.tail.partition, exc)
+
+    def finish(self) -> ChangelogTail:
+        """Stop reading in the background; the caller continues with the tail."""
+        self._stop.set()
+        self._thread.join(10)
+        return self.tail

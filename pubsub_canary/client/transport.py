@@ -140,6 +140,11 @@ class MemoryTransport:
             metrics=obs_from_dict(metrics) if metrics else None,
             positions={int(k): int(v) for k, v in (request.get("positions") or {}).items()},
             released=[tuple(x) for x in request.get("released") or []],  # type: ignore[misc]
+            warm=(
+                {int(k): int(v) for k, v in request["warm"].items()}
+                if request.get("warm") is not None
+                else None
+            ),
         )
 
     def release(self, member_id: str, released: list[tuple[int, int, int | None]]) -> None:

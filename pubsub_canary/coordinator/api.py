@@ -46,6 +46,9 @@ class HeartbeatRequest(BaseModel):
     metrics: dict[str, Any] | None = Field(default=None, description="observation deltas")
     positions: dict[int, int] = Field(default_factory=dict)
     released: list[tuple[int, int, int | None]] = Field(default_factory=list)
+    warm: dict[int, int] | None = Field(
+        default=None, description="unit -> changelog records still to read, for units warming up"
+    )
 
 
 class ReleaseRequest(BaseModel):
@@ -167,6 +170,7 @@ def create_app(
             metrics=_metrics(req.metrics) if req.metrics else None,
             positions=req.positions,
             released=req.released,
+            warm=req.warm,
         )
 
     @app.post("/v1/members/{member_id}/release", tags=["members"])

@@ -82,6 +82,8 @@ class LiveMember:
     record: MemberRecord
     lease_expires: float
     positions: dict[int, int] = field(default_factory=dict)
+    #: unit -> changelog records this member is still behind on, for units it is warming up.
+    warm: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -97,6 +99,8 @@ class LiveGroup:
     redeliver: dict[int, int] = field(default_factory=dict)
     #: (rollout, step, cohort) -> the units its current lag samples were summed over.
     lag_units: dict[tuple[str, int, str], frozenset[int]] = field(default_factory=dict)
+    #: (unit, next owner) -> when the move was first planned, for the warm-up timeout.
+    warm_since: dict[tuple[int, str], float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,8 @@ class Coordinator:
         margin_seconds: float | None = None,
         tick_seconds: float = 0.1,
         lag_seconds: float = 1.0,
+        warm_ready_records: int = 1000,
+        warm_timeout_seconds: float = 30.0,
     ) -> None:
         if lease_seconds <= 0:
             raise ConfigError(f"lease_seconds must be > 0, got {lease_seconds}")
@@ -138,6 +144,10 @@ class Coordinator:
         )
         self.tick_seconds = tick_seconds
         self.lag_seconds = lag_seconds
+        #: A stateful next owner is ready when it is this close to the changelog's end ...
+        self.warm_ready_records = warm_ready_records
+        #: ... or when it has been warming this long (a stuck warm-up must not block a move).
+        self.warm_timeout_seconds = warm_timeout_seconds
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._generation = 0
@@ -296,6 +306,7 @@ class Coordinator:
         metrics: CohortObservations | None = None,
         positions: dict[int, int] | None = None,
         released: list[tuple[int, int, int | None]] | None = None,
+        warm: dict[int, int] | None = None,
     ) -> dict[str, Any]:
         """Renew the lease, take metric deltas and releases; return the member's instructions.
 
@@ -312,6 +323,8 @@ class Coordinator:
             m.lease_expires = now + self.lease_seconds
             if positions:
                 m.positions.update(positions)
+            if warm is not None:
+                m.warm = dict(warm)
             if metrics is not None:
                 self._add_metrics(m, metrics)
             if released:
@@ -369,6 +382,15 @@ class Coordinator:
             for u in sorted(g.units.values(), key=lambda u: u.unit)
             if u.owner == m.record.member_id
         ]
+        if self._stateful(g):
+            # Units this member is about to own: it warms their state up from the changelog
+            # while the current owner still processes them.
+            mid = m.record.member_id
+            units += [
+                {"unit": u, "epoch": st.epoch, "offset": None, "status": "warming"}
+                for u, st in sorted(g.units.items())
+                if g.target.get(u) == mid and st.owner not in (None, mid)
+            ]
         digest = ";".join(f"{x['unit']}:{x['epoch']}:{x['status']}" for x in units)
         rollout = self._active_rollout(g.record.key)
         # Every rollout's migrations, not only the active one's: state the canary wrote stays
@@ -638,7 +660,9 @@ class Coordinator:
                 if pos is not None:
                     g.redeliver[u] = pos
         g.target = plan_assignment(sorted(g.units), takers, current, self._share(key))
-        units, changes = reconcile(g.units, g.target, alive, self.clock.wall())
+        units, changes = reconcile(
+            g.units, g.target, alive, self.clock.wall(), self._warm_gate(g, now)
+        )
         if changes:
             g.units = units
             self.store.put_units(key, [units[c.unit] for c in changes])
@@ -662,6 +686,38 @@ class Coordinator:
         if settling and is_settled(g.units, g.target) and self._settled_for_share(g, r.state.share):
             assert r is not None
             self._apply(r, machine.HandoffsDone(self.clock.wall()))
+
+    def _stateful(self, g: LiveGroup) -> bool:
+        return any(
+            m.record.group_key == g.record.key and "state_formats" in m.record.meta
+            for m in self.members.values()
+        )
+
+    def _warm_gate(self, g: LiveGroup, now: float) -> Callable[[int, str], bool] | None:
+        """For stateful groups: revoke a unit only once its next owner has warmed up.
+
+        A rollback never waits: the canary is stopped at once and stable restores cold.
+        """
+        if not self._stateful(g):
+            return None
+        r = self._active_rollout(g.record.key)
+        if r is not None and r.state.phase is Phase.ROLLING_BACK:
+            return None
+
+        def ready(unit: int, next_owner: str) -> bool:
+            m = self.members.get(next_owner)
+            if m is None or "state_formats" not in m.record.meta:
+                return True
+            since = g.warm_since.setdefault((unit, next_owner), now)
+            behind = m.warm.get(unit)
+            if (behind is not None and behind <= self.warm_ready_records) or (
+                now - since >= self.warm_timeout_seconds
+            ):
+                g.warm_since.pop((unit, next_owner), None)
+                return True
+            return False
+
+        return ready
 
     def _settled_for_share(self, g: LiveGroup, share: float) -> bool:
         """The share is really in place: no unit is left with the cohort that should have none."""

@@ -18,7 +18,7 @@ messages be processed twice (bounded by A's uncommitted window).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -87,6 +87,7 @@ def reconcile(
     target: Mapping[int, str | None],
     alive: Iterable[str],
     now: float,
+    ready: Callable[[int, str], bool] | None = None,
 ) -> tuple[dict[int, UnitState], list[Change]]:
     """One protocol step for every unit towards ``target``.
 
@@ -97,6 +98,9 @@ def reconcile(
             owner is not in ``alive`` is taken back without a release, and no unit is granted
             to a member outside ``alive``.
         now: the coordinator's clock.
+        ready: ``ready(unit, next_owner)``: whether an owned unit may be revoked for that next
+            owner now (a stateful next owner first warms up its state). A unit with no next
+            owner, or whose owner is gone, never waits.
     """
     alive = set(alive)
     out: dict[int, UnitState] = {}
@@ -113,7 +117,8 @@ def reconcile(
                 move_started_at=st.move_started_at if st.move_started_at is not None else now,
                 graceful=False,
             )
-        if st.status is UnitStatus.OWNED and st.owner != want:
+        waits = want is not None and ready is not None and not ready(u, want)
+        if st.status is UnitStatus.OWNED and st.owner != want and not waits:
             st = replace(st, status=UnitStatus.REVOKING, since=now, move_started_at=now)
             assert st.owner is not None
             changes.append(Revoke(u, st.epoch, st.owner))
