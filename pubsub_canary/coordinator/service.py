@@ -30,6 +30,7 @@ from pubsub_canary.coordinator.records import (
     RolloutRecord,
 )
 from pubsub_canary.coordinator.store import Store
+from pubsub_canary.coordinator.views import judgement_dict
 from pubsub_canary.core import machine
 from pubsub_canary.core.analysis import analyse_step, hold_elapsed
 from pubsub_canary.core.compat import FormatSupport, state_format_problems
@@ -558,16 +559,29 @@ class Coordinator:
         nr = replace(r, state=state, active=not state.phase.terminal, updated_at=now)
         nr = self.store.update_rollout(nr)
         self.rollouts[r.name] = nr
-        self._record(r.name, effects, now, state)
+        # A verdict that moved the rollout is kept with its evidence, for status and audits.
+        evidence = judgement_dict(event.judgement) if isinstance(event, machine.Judged) else None
+        self._record(r.name, effects, now, state, evidence)
         if state.phase is not r.state.phase or state.step != r.state.step:
             self._bump()
         return nr
 
     def _record(
-        self, rollout: str, effects: list[machine.Effect], now: float, state: RolloutState
+        self,
+        rollout: str,
+        effects: list[machine.Effect],
+        now: float,
+        state: RolloutState,
+        judgement: dict[str, Any] | None = None,
     ) -> None:
         # Each decision carries where it left the rollout: the share-over-time timeline.
-        data = {"phase": state.phase.value, "step": state.step + 1, "share": state.share}
+        data: dict[str, Any] = {
+            "phase": state.phase.value,
+            "step": state.step + 1,
+            "share": state.share,
+        }
+        if judgement is not None:
+            data["judgement"] = judgement
         for e in effects:
             if isinstance(e, machine.Decide):
                 log.info("rollout %s: %s", rollout, e.reason)

@@ -48,6 +48,13 @@ def judgement_dict(j: Judgement | None) -> dict[str, Any] | None:
     }
 
 
+def last_judgement(c: Coordinator, rollout: str) -> dict[str, Any] | None:
+    for d in reversed(c.store.decisions(rollout, limit=50)):
+        if "judgement" in d.data:
+            return dict(d.data["judgement"])
+    return None
+
+
 def rollout_status(c: Coordinator, r: RolloutRecord) -> dict[str, Any]:
     """The full status of a rollout; the caller holds the coordinator's lock."""
     out = c._summary(r)
@@ -101,7 +108,8 @@ def rollout_status(c: Coordinator, r: RolloutRecord) -> dict[str, Any]:
                     else None,
                 },
             },
-            "judgement": judgement_dict(c.judgements.get(r.name)),
+            # The live judgement, or after a restart the last one that moved the rollout.
+            "judgement": judgement_dict(c.judgements.get(r.name)) or last_judgement(c, r.name),
             "decisions": [
                 {"at": d.at, "kind": d.kind, "reason": d.reason, **d.data}
                 for d in c.store.decisions(r.name, limit=50)
