@@ -1017,9 +1017,9 @@ class _Puller:
         m = self.member
         backoff = 0.1
         while not self._stop.is_set():
+            go = self._may_pull()
             with self._lock:
-                self._inflight = self._may_pull()
-                go = self._inflight
+                self._inflight = go
             if not go:
                 self._wake.wait(0.05)
                 self._wake.clear()
