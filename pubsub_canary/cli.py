@@ -96,7 +96,7 @@ def _add_rollout(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="run a canary rollout end to end on the embedded defaults")
     p.add_argument("--scenario", choices=["healthy", "regression"], default="healthy")
-    p.add_argument("--transport", choices=["kafka"], default="kafka")
+    p.add_argument("--transport", choices=["kafka", "pubsub"], default="kafka")
     p.add_argument("--bootstrap-servers", help="use this Kafka instead of the embedded test broker")
     p.add_argument("--partitions", type=int, default=12)
     p.add_argument("--rate", type=int, default=400, help="messages per second produced")

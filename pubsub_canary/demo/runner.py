@@ -106,6 +106,10 @@ def _line(t0: float, s: dict[str, Any]) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    if getattr(args, "transport", "kafka") == "pubsub":
+        from pubsub_canary.demo.pubsub_runner import run_pubsub_demo
+
+        return run_pubsub_demo(args)
     if args.partitions < 2:
         raise ConfigError(f"--partitions {args.partitions}: need at least 2", field="partitions")
     if args.stable < 1 or args.canary < 1:
