@@ -303,21 +303,21 @@ class Bench:
         quarter = canary_unit_count(a.partitions, 25.0, True)
         for k in range(a.cycles):
             name = f"bench-{k + 1}"
-            rec.phase = f"c{k}-25"
+            rec.phase = f"cycle{k}-25"
             ops.apply(rollout_spec(name, self.topic, self.group, [25.0, 50.0]))
             self.wait_units(ops, name, quarter)
             self.ensure_processing(rec, rec.phase)
             self.wait_phase(ops, name, ("awaiting_approval",))
             time.sleep(a.dwell)
 
-            rec.phase = f"c{k}-50"
+            rec.phase = f"cycle{k}-50"
             ops.act(name, "approve")
             self.wait_units(ops, name, half)
             self.ensure_processing(rec, rec.phase)
             self.wait_phase(ops, name, ("awaiting_approval",))
             time.sleep(a.dwell)
 
-            rec.phase = f"c{k}-abort"
+            rec.phase = f"cycle{k}-abort"
             s = ops.status(name)
             canary_held = [int(u) for u, v in s["units"].items() if v["cohort"] == "canary"]
             ops.act(name, "abort")
@@ -333,8 +333,8 @@ class Bench:
             time.sleep(a.dwell)
             C.progress(
                 f"cycle {k + 1}/{a.cycles}: 25% -> 50% -> abort; "
-                f"{len(rec.of(f'c{k}-25')) + len(rec.of(f'c{k}-50'))} + "
-                f"{len(rec.of(f'c{k}-abort'))} handoffs, coordinator settled the rollback "
+                f"{len(rec.of(f'cycle{k}-25')) + len(rec.of(f'cycle{k}-50'))} + "
+                f"{len(rec.of(f'cycle{k}-abort'))} handoffs, coordinator settled the rollback "
                 f"{s['rollback_seconds']:.3f} s after the decision"
             )
         members.check_alive()
@@ -364,7 +364,7 @@ class Bench:
         unmatched = 0
         non_graceful = 0
         for g in rec.grants:
-            if g.phase == "startup" or g.phase in ("leave", "join"):
+            if not g.phase.startswith("cycle"):  # only the cycles' share changes count
                 continue
             if not g.graceful:
                 non_graceful += 1
@@ -376,7 +376,7 @@ class Bench:
             to_grant.append((g.granted_at - g.decided_at) * 1000.0)
         rollbacks = []
         for k, rb in enumerate(out["rollbacks"]):
-            grants = {g.unit: g for g in rec.of(f"c{k}-abort")}
+            grants = {g.unit: g for g in rec.of(f"cycle{k}-abort")}
             firsts = [
                 first_processed(members, grants[u]) if u in grants else None
                 for u in rb["canary_units"]
@@ -582,7 +582,7 @@ def breakdown(grants: list[GrantRecord], members: Members) -> dict[str, float]:
     for g in grants:
         first = first_processed(members, g)
         tr = traces.get(g.member) or []
-        if g.decided_at is None or first is None or g.phase in ("startup", "shutdown"):
+        if g.decided_at is None or first is None or not g.phase.startswith("cycle"):
             continue
         seen = next((t for t, _, _ in tr if t >= g.granted_at), None)
         held = next((t for t, _, parts in tr if t >= g.granted_at and g.unit in parts), None)
