@@ -569,29 +569,42 @@ def run_subscribe(
 
 
 def breakdown(grants: list[GrantRecord], members: Members) -> dict[str, float]:
-    """Medians of each leg of a handoff, from the members' ``--trace`` files (ms)."""
+    """Medians of each leg of a handoff, from the members' ``--trace`` files (ms).
+
+    The old owner of a grant is the member of the unit's previous grant.
+    """
     legs: dict[str, list[float]] = {
-        "decision_to_grant": [],
+        "decision_to_old_owner_view": [],
+        "old_owner_view_to_unassigned": [],
+        "unassigned_to_grant": [],
         "grant_to_new_owner_view": [],
-        "view_to_assigned": [],
+        "new_owner_view_to_assigned": [],
         "assigned_to_first_message": [],
     }
     traces = {
         mid: C.read_trace(Path(str(members.ledger_path(mid)) + ".trace")) for mid in members.procs
     }
+    previous: dict[int, GrantRecord] = {}
     for g in grants:
+        old, previous[g.unit] = previous.get(g.unit), g
         first = first_processed(members, g)
-        tr = traces.get(g.member) or []
-        if g.decided_at is None or first is None or not g.phase.startswith("cycle"):
+        if g.decided_at is None or first is None or old is None or not g.phase.startswith("cycle"):
             continue
-        seen = next((t for t, _, _ in tr if t >= g.granted_at), None)
-        held = next((t for t, _, parts in tr if t >= g.granted_at and g.unit in parts), None)
-        if seen is None or held is None:
+        d = g.decided_at
+        new_tr, old_tr = traces.get(g.member) or [], traces.get(old.member) or []
+        gen0 = next((gen for t, gen, _ in reversed(old_tr) if t < d), None)
+        old_seen = next((t for t, gen, _ in old_tr if t >= d and gen != gen0), None)
+        unassigned = next((t for t, _, held in old_tr if t >= d and g.unit not in held), None)
+        new_seen = next((t for t, _, _ in new_tr if t >= g.granted_at), None)
+        assigned = next((t for t, _, held in new_tr if t >= g.granted_at and g.unit in held), None)
+        if old_seen is None or unassigned is None or new_seen is None or assigned is None:
             continue
-        legs["decision_to_grant"].append(g.granted_at - g.decided_at)
-        legs["grant_to_new_owner_view"].append(seen - g.granted_at)
-        legs["view_to_assigned"].append(held - seen)
-        legs["assigned_to_first_message"].append(first - held)
+        legs["decision_to_old_owner_view"].append(old_seen - d)
+        legs["old_owner_view_to_unassigned"].append(unassigned - old_seen)
+        legs["unassigned_to_grant"].append(g.granted_at - unassigned)
+        legs["grant_to_new_owner_view"].append(new_seen - g.granted_at)
+        legs["new_owner_view_to_assigned"].append(assigned - new_seen)
+        legs["assigned_to_first_message"].append(first - assigned)
     return {k: round(C.median(v) * 1000, 1) for k, v in legs.items() if v}
 
 
