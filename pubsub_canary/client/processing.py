@@ -13,7 +13,7 @@ import bisect
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,17 +30,58 @@ class PoisonMessage(CanaryError):
     """Raise from a handler for a message that can never succeed: it is dead-lettered at once."""
 
 
-@dataclass(frozen=True, slots=True)
 class Record:
-    """One message, as the handler sees it (Kafka or Pub/Sub)."""
+    """One message, as the handler sees it (Kafka or Pub/Sub).
 
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Mapping[str, bytes] = field(default_factory=dict)
-    timestamp: float | None = None
+    ``headers`` may be given as a mapping or as Kafka's list of ``(name, value)`` pairs; the
+    list is turned into a mapping only when a handler reads it (this runs once per message,
+    so it stays cheap: see benchmarks/kafka_overhead.py).
+    """
+
+    __slots__ = ("_headers", "key", "offset", "partition", "timestamp", "topic", "value")
+
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Mapping[str, bytes] | list[tuple[str, bytes | None]] | None = None,
+        timestamp: float | None = None,
+    ) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.key = key
+        self.value = value
+        self._headers = headers
+        self.timestamp = timestamp
+
+    @property
+    def headers(self) -> Mapping[str, bytes]:
+        h = self._headers
+        if h is None:
+            h = self._headers = {}
+        elif not isinstance(h, Mapping):
+            h = self._headers = {k: v for k, v in h if v is not None}
+        return h
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.topic, self.partition, self.offset, self.key, self.value, dict(self.headers),
+                self.timestamp)  # fmt: skip
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Record) and self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"Record(topic={self.topic!r}, partition={self.partition}, offset={self.offset}, "
+            f"key={self.key!r}, value={self.value!r}, headers={dict(self.headers)!r}, "
+            f"timestamp={self.timestamp!r})"
+        )
 
 
 class RetryPolicy(BaseModel):
@@ -53,8 +94,9 @@ class RetryPolicy(BaseModel):
     max_backoff_seconds: float = Field(default=1.0, ge=0)
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
+    """How handling one message ended (a tuple: built once per message, so kept cheap)."""
+
     ok: bool
     attempts: int
     error: str | None
@@ -66,14 +108,25 @@ def run_handler(
     record: Record,
     policy: RetryPolicy,
     sleep: Callable[[float], None] = time.sleep,
+    *,
+    first_error: Exception | None = None,
+    started: float | None = None,
 ) -> Outcome:
-    """Call ``handler`` with retries; never raises for a handler error."""
-    start = time.perf_counter()
+    """Call ``handler`` with retries; never raises for a handler error.
+
+    A caller that already made the first attempt itself (the fast path of the Kafka member)
+    passes its exception as ``first_error`` and when it started as ``started``.
+    """
+    start = time.perf_counter() if started is None else started
     attempt = 0
     backoff = policy.initial_backoff_seconds
+    pending = first_error
     while True:
         attempt += 1
         try:
+            if pending is not None:
+                exc, pending = pending, None
+                raise exc
             handler(record)
         except PoisonMessage as exc:
             return Outcome(False, attempt, f"PoisonMessage: {exc}", time.perf_counter() - start)

@@ -194,8 +194,12 @@ class MemberSession:
         The processing loop then commits what it processed and stops, while the lease still
         protects the commit, so a member cut off from the coordinator causes no duplicates.
         """
-        grace = min(1.0, self.lease_seconds / 4)
-        return time.monotonic() >= self._deadline - grace
+        return time.monotonic() >= self.soft_deadline
+
+    @property
+    def soft_deadline(self) -> float:
+        """The monotonic time at which :meth:`lease_ending` turns true (read per message)."""
+        return self._deadline - min(1.0, self.lease_seconds / 4)
 
     def view(self) -> dict[int, UnitGrant]:
         with self._lock:
