@@ -226,6 +226,7 @@ class KafkaMember:
         held, nxt_of = self._held, self._next
         soft_deadline = s.soft_deadline
         now = time.monotonic
+        ok: list[float] = []  # latencies of first-attempt successes, counted once per batch
         for msg in msgs:
             if msg.error() is not None:
                 self._broker_error(msg.error())
@@ -239,14 +240,16 @@ class KafkaMember:
                 continue  # already processed (a re-fetch after seek)
             if now() >= soft_deadline:
                 break  # the lease is ending: the next step commits while it still holds
-            self._process(msg, p, off)
+            self._process(msg, p, off, ok)
+        if ok:
+            self.metrics.add_ok(ok)
         t = now()
         if t - self._last_report >= 0.1:
             self._report()
         if t - self._last_commit >= self.commit_interval:
             self._commit(asynchronous=True)
 
-    def _process(self, msg: Any, p: int, off: int) -> None:
+    def _process(self, msg: Any, p: int, off: int, ok: list[float]) -> None:
         ts_type, ts = msg.timestamp()
         record = Record(
             self.topic,
@@ -257,19 +260,21 @@ class KafkaMember:
             msg.headers(),
             ts / 1000.0 if ts_type else None,
         )
-        # Fast path: the first attempt here, the retry machinery only when it fails.
+        # Fast path: the first attempt here; the retry machinery only when it fails.
         started = time.perf_counter()
         try:
             self._call(record)
         except Exception as exc:
             outcome = run_handler(self._call, record, self.retry, first_error=exc, started=started)
+            dead = not outcome.ok
+            if dead:
+                self._dead_letter(record, outcome)
+            self.metrics.add(outcome, dead)
         else:
-            outcome = Outcome(True, 1, None, time.perf_counter() - started)
-        dead = False
-        if not outcome.ok:
-            self._dead_letter(record, outcome)
-            dead = True
-        self.metrics.add(outcome, dead)
+            elapsed = time.perf_counter() - started
+            ok.append(elapsed)
+            dead = False
+            outcome = None
         until = self._redeliver.get(p)
         if until is not None:
             if off < until:
@@ -278,7 +283,7 @@ class KafkaMember:
                 del self._redeliver[p]
         self._next[p] = off + 1
         if self.on_processed is not None:
-            self.on_processed(record, outcome, dead)
+            self.on_processed(record, outcome or Outcome(True, 1, None, elapsed), dead)
 
     def _dead_letter(self, record: Record, outcome: Outcome) -> None:
         headers = [

@@ -166,6 +166,14 @@ class MetricsAccumulator:
                 self.dead_lettered += 1
             self.latency[bisect.bisect_left(LATENCY_BUCKETS, outcome.seconds)] += 1
 
+    def add_ok(self, latencies: list[float]) -> None:
+        """Messages that succeeded at their first attempt, counted once per batch."""
+        buckets, counts = LATENCY_BUCKETS, self.latency
+        with self._lock:
+            self.processed += len(latencies)
+            for seconds in latencies:
+                counts[bisect.bisect_left(buckets, seconds)] += 1
+
     def add_redelivery(self) -> None:
         with self._lock:
             self.redeliveries += 1
