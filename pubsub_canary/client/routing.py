@@ -168,6 +168,7 @@ class MemberRoute:
     cohort: str
     alive: bool
     positions: Mapping[int, int]
+    leaving: bool = False
 
 
 def route_view(
@@ -203,6 +204,7 @@ def route_view(
     ]
     members = list(members)
     live_canaries = [m for m in members if m.alive and m.cohort == "canary"]
+    drainers = sum(1 for m in members if m.alive and not m.leaving and m.cohort == "stable")
     backlog = handback = 0
     pulling = False
     if generation is not None:
@@ -218,13 +220,14 @@ def route_view(
     drained = generation is None or (handback_done and backlog <= 0)
     canary_hex = encode_buckets(canary, buckets)
     returning_hex = encode_buckets(returning, buckets)
-    digest = "r{}:{:x}:{:x}:{}{}{}".format(
+    digest = "r{}:{:x}:{:x}:{}{}{}{}".format(
         generation or "",
         zlib.crc32(canary_hex.encode()),
         zlib.crc32(returning_hex.encode()),
         int(drained),
         int(handback_done),
         int(bool(live_canaries)),
+        int(bool(drainers)),
     )
     return {
         "generation": generation,
@@ -237,6 +240,7 @@ def route_view(
         "handback_done": handback_done,
         "drained": drained,
         "canary_members": len(live_canaries),
+        "stable_members": drainers,
         "digest": digest,
     }
 
@@ -276,6 +280,7 @@ class Route:
     drained: bool = True
     handback_done: bool = True
     canary_members: int = 0
+    stable_members: int = 1
     backlog: int = 0
 
     @classmethod
@@ -288,6 +293,7 @@ class Route:
             drained=bool(view.get("drained", True)),
             handback_done=bool(view.get("handback_done", True)),
             canary_members=int(view.get("canary_members", 0)),  # type: ignore[call-overload]
+            stable_members=int(view.get("stable_members", 1)),  # type: ignore[call-overload]
             backlog=int(view.get("backlog", 0)),  # type: ignore[call-overload]
         )
 
@@ -341,5 +347,6 @@ def stable_pulls_canary(route: Route, *, ordered: bool) -> bool:
 
 def canary_releases(state: BucketState, route: Route) -> bool:
     """A canary member releases a revoked unit at once unless it is returning to stable;
-    then only when the canary route is drained (the rollback is complete only then)."""
-    return state is not BucketState.RETURNING or route.drained
+    then only when the canary route is drained (the rollback is complete only then), or when
+    no stable member is there to drain it (waiting would change nothing)."""
+    return state is not BucketState.RETURNING or route.drained or route.stable_members == 0

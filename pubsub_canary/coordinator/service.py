@@ -806,7 +806,11 @@ class Coordinator:
             owner_cohort={u: cohort_of.get(s.owner or "") for u, s in g.units.items()},
             members=[
                 MemberRoute(
-                    mid, m.record.cohort, m.lease_expires + self.margin_seconds > now, m.positions
+                    mid,
+                    m.record.cohort,
+                    m.lease_expires + self.margin_seconds > now,
+                    m.positions,
+                    m.record.leaving,
                 )
                 for mid, m in self.members.items()
                 if m.record.group_key == key

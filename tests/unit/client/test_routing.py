@@ -275,3 +275,17 @@ def test_canary_releases_returning_units_only_once_drained() -> None:
     assert canary_releases(C, Route("r1", drained=False))
     assert not canary_releases(R, Route("r1", drained=False))
     assert canary_releases(R, Route("r1", drained=True))
+    # Nobody left to drain (every stable member leaving): waiting would change nothing.
+    assert canary_releases(R, Route("r1", drained=False, stable_members=0))
+
+
+def test_only_stable_members_that_stay_count_as_drainers() -> None:
+    members = [
+        MemberRoute("s1", "stable", True, {}, leaving=True),
+        MemberRoute("s2", "stable", False, {}),
+        MemberRoute("c", "canary", True, {}),
+    ]
+    v = _view(members, canary=set(), owned={1})
+    assert v["stable_members"] == 0
+    members.append(MemberRoute("s3", "stable", True, {}))
+    assert _view(members, canary=set(), owned={1})["stable_members"] == 1
