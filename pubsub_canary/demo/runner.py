@@ -47,8 +47,8 @@ def rollout_spec(name: str, topic: str, group: str, dlq: str, hold: float) -> di
             "max_extensions": 10,
             "latency": {"min_sample": 100},
             # Lag is read from committed offsets, which saw-tooth with the 0.5 s commit
-            # interval: five samples let the rule see past one commit's worth of lag.
-            "lag_growth": {"min_sample": 5, "absolute_tolerance": 0.1},
+            # interval: eight samples let the rule see past a few commits' worth of lag.
+            "lag_growth": {"min_sample": 8, "absolute_tolerance": 0.1},
         },
     }
 
