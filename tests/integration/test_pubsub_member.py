@@ -226,6 +226,17 @@ def test_the_canary_gets_exactly_its_buckets_without_a_single_nack(group: Group)
     assert 20 < share < 30, share
     relayed = sum(group.members[n][0].counts()["relayed_canary"] for n in ("stable-1", "stable-2"))
     assert relayed == sum(r.cohort == "canary" for r in rows) == canary.counts()["settled_canary"]
+    # Per-cohort health: lag as the age of the oldest unprocessed message (ms), delivery
+    # latency from the publish time as a KPI, sampled and reported like Kafka's.
+    time.sleep(2.5)
+    cohorts = group.coordinator.status("share-25")["cohorts"]
+    for c in ("stable", "canary"):
+        step = cohorts[c]["step"]
+        assert step["processed"] > 0
+        assert step["lag"] is not None and 0 <= step["lag"] < 10_000
+        assert step["kpis"]["delivery_seconds"]["count"] == step["processed"]
+        assert 0 < step["kpis"]["delivery_seconds"]["mean"] < 30
+        assert step["dead_lettered"] == 0 and step["redeliveries"] == 0
 
 
 def test_a_rollback_drains_the_canary_backlog_into_stable_in_key_order(
@@ -309,7 +320,7 @@ def _nack_until_dead_lettered(factory: PubSubFactory, subscription: str) -> None
     keeps routing to a closed stream for a while.)"""
     attempt = 0
     while attempt < 5:
-        got = _pull(factory, subscription, 30)
+        got = _pull(factory, subscription, 15)
         assert len(got) == 1 and got[0].delivery_attempt > attempt
         attempt = got[0].delivery_attempt
         factory.subscriber.modify_ack_deadline(
@@ -322,25 +333,38 @@ def _nack_until_dead_lettered(factory: PubSubFactory, subscription: str) -> None
     assert _pull(factory, subscription, 1.5) == []  # moved to the dead-letter topic
 
 
-@pytest.mark.slow
 def test_policy_dead_letters_count_for_the_cohort_that_read_the_message(group: Group) -> None:
     g = group
-    g.start("stable", "stable-1")
-    g.start("canary", "canary-1")
+    f = g.factory
+    # What the members would create: their observers on the dead-letter topic, and a route
+    # subscription with the main one's policy. Made first, so that each message below is
+    # nacked (by someone else: our members never nack) before any member reads it.
+    from pubsub_canary.client.routing import observer_id
+
+    for cohort in ("stable", "canary"):
+        f.subscriber.create_subscription(
+            request={
+                "name": f.backend.subscription_path(observer_id(g.sub_id, cohort)),
+                "topic": g.dlq,
+            }
+        )
+    route = route_names(g.sub_id, "dead").canary
+    f.publisher.create_topic(name=f.backend.topic_path(route))
+    f.subscriber.create_subscription(
+        request={
+            "name": f.backend.subscription_path(route),
+            "topic": f.backend.topic_path(route),
+            "dead_letter_policy": {"dead_letter_topic": g.dlq, "max_delivery_attempts": 5},
+        }
+    )
+    g.publisher.publish(f.backend.topic_path(route), b"{}", user="u").result(timeout=30)
+    g.publisher.publish(g.topic, b"{}", user="u").result(timeout=30)
+    _nack_until_dead_lettered(f, f.backend.subscription_path(route))
+    _nack_until_dead_lettered(f, g.subscription)
+    stable = g.start("stable", "stable-1")
+    canary = g.start("canary", "canary-1")
     g.wait_route(lambda r: True)
     g.apply("dead", 10)
-    g.stop("stable-1")
-    g.stop("canary-1")
-    # A message on the canary route and one on the main subscription, each nacked (by someone
-    # else: our members never nack) until the policy forwards it.
-    names = route_names(g.sub_id, "dead")
-    canary_topic = g.factory.backend.topic_path(names.canary)
-    g.publisher.publish(canary_topic, b"{}", user="u").result(timeout=30)
-    g.publisher.publish(g.topic, b"{}", user="u").result(timeout=30)
-    _nack_until_dead_lettered(g.factory, g.factory.backend.subscription_path(names.canary))
-    _nack_until_dead_lettered(g.factory, g.subscription)
-    stable = g.start("stable", "stable-2")
-    canary = g.start("canary", "canary-2")
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if stable.policy_dead_letters and canary.policy_dead_letters:
@@ -406,3 +430,40 @@ def test_a_member_cut_off_the_coordinator_stops_before_its_lease_runs_out(group:
     while len({r.seq for r in g.rows()}) < published and time.monotonic() < deadline:
         time.sleep(0.2)
     assert len({r.seq for r in g.rows()}) == published
+
+
+@pytest.mark.slow
+def test_a_stalled_canary_is_rolled_back_on_the_age_of_its_oldest_message(group: Group) -> None:
+    g = group
+    release = threading.Event()
+    g.start("stable", "stable-1")
+    g.start("canary", "canary-1", handler=lambda r: release.wait(60))
+    g.wait_route(lambda r: True)
+    spec = {
+        "name": "stalled",
+        "target": {"transport": "pubsub", "topic": g.topic_id, "group": g.sub_id},
+        "stable_version": "1.4",
+        "canary_version": "1.5",
+        "steps": [{"share": 50, "hold_seconds": 120}],
+        # Only the lag rule: the stalled canary reports nothing else.
+        "analysis": {
+            "error_rate": None,
+            "dead_letter_rate": None,
+            "latency": None,
+            "lag_growth": {"min_sample": 4},
+        },
+    }
+    g.coordinator.apply_rollout(parse_rollout_spec(spec))
+    ids: list[str] = []
+    deadline = time.monotonic() + 40
+    try:
+        while g.coordinator.status("stalled")["phase"] == "progressing":
+            assert time.monotonic() < deadline, "a canary that processes nothing was not caught"
+            ids += g.publish(20)
+            time.sleep(0.5)
+        status = g.coordinator.status("stalled")
+        assert status["phase"] in ("rolling_back", "rolled_back"), status["decisions"]
+        assert "lag_growth" in status["reason"], status["reason"]
+    finally:
+        release.set()
+    g.wait_processed(ids, timeout=60)
