@@ -227,7 +227,7 @@ class KafkaMember:
         soft_deadline = s.soft_deadline
         now = time.monotonic
         ok: list[float] = []  # latencies of first-attempt successes, counted once per batch
-        for msg in msgs:
+        for i, msg in enumerate(msgs):
             if msg.error() is not None:
                 self._broker_error(msg.error())
                 continue
@@ -239,7 +239,10 @@ class KafkaMember:
             if nxt is not None and off < nxt:
                 continue  # already processed (a re-fetch after seek)
             if now() >= soft_deadline:
-                break  # the lease is ending: the next step commits while it still holds
+                # The lease is ending: stop here. The rest of the batch was fetched but not
+                # processed; fetch it again, in case the lease is renewed before we stop.
+                self._rewind(msgs[i:])
+                break
             self._process(msg, p, off, ok)
         if ok:
             self.metrics.add_ok(ok)
@@ -248,6 +251,26 @@ class KafkaMember:
             self._report()
         if t - self._last_commit >= self.commit_interval:
             self._commit(asynchronous=True)
+
+    def _rewind(self, unprocessed: list[Any]) -> None:
+        """Seek each partition back to its first fetched-but-unprocessed message."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        first: dict[int, int] = {}
+        for msg in unprocessed:
+            if msg.error() is None and msg.partition() in self._held:
+                first.setdefault(msg.partition(), msg.offset())
+        for p, off in first.items():
+            try:
+                self._consumer.seek(TopicPartition(self.topic, p, off))
+            except KafkaException as exc:
+                # Without the seek the partition must not go on: drop it and take it again
+                # from our own next offset once the view is read again.
+                log.warning("cannot seek partition %s back to %s (%s); restarting it", p, off, exc)
+                self._seen_generation = -1
+                self._resume[p] = (self._held[p].epoch, self._next.get(p, off))
+                self._consumer.incremental_unassign([TopicPartition(self.topic, p)])
+                self._held.pop(p)
 
     def _process(self, msg: Any, p: int, off: int, ok: list[float]) -> None:
         ts_type, ts = msg.timestamp()
@@ -354,7 +377,8 @@ class KafkaMember:
                 s.release(released)
                 log.info("released partitions %s we had stopped", [r[0] for r in released])
             except CanaryError as exc:
-                log.warning("release not acknowledged (%s); the lease will expire", exc.message)
+                s.queue_release(released)
+                log.warning("release not acknowledged (%s); resent with heartbeats", exc.message)
         grants = [g for p, g in view.items() if g.status == "owned" and p not in self._held]
         if grants and s.lease_ending():
             self._seen_generation = -1  # take them once the lease is renewed
@@ -363,6 +387,10 @@ class KafkaMember:
             for g in grants:
                 epoch, resume_at = self._resume.pop(g.unit, (None, None))
                 starts[g.unit] = resume_at if epoch == g.epoch else g.offset
+            # Offsets known to be committed: the releasing owner's (it committed before it
+            # released) or our own resume point. A start restored from a checkpoint may be
+            # past the committed offset, and must be committed by us.
+            committed = dict(starts)
             starts = self._prepare_grants(grants, starts)
             tps = [
                 TopicPartition(self.topic, u, off if off is not None else OFFSET_STORED)
@@ -376,7 +404,8 @@ class KafkaMember:
                 off = starts[g.unit]
                 if off is not None:
                     self._next[g.unit] = off
-                    self._committed[g.unit] = off
+                    if committed.get(g.unit) == off:
+                        self._committed[g.unit] = off
             log.info(
                 "granted partitions %s (epochs %s)",
                 [g.unit for g in grants],
@@ -407,8 +436,10 @@ class KafkaMember:
             try:
                 s.release(released)
             except CanaryError as exc:
-                # The coordinator reclaims them after our lease; nothing is lost.
-                log.warning("release not acknowledged (%s); the lease will expire", exc.message)
+                # Resent with every heartbeat until one gets through (releases are fenced by
+                # epoch, so a repeat is harmless); the unit waits for it, nothing is lost.
+                s.queue_release(released)
+                log.warning("release not acknowledged (%s); resent with heartbeats", exc.message)
         log.info("released partitions %s at %s", parts, [r[2] for r in released])
 
     def _stop_for_lease(self) -> None:

@@ -80,6 +80,8 @@ class MemberSession:
         self._pending = CohortObservations()
         self._positions: dict[int, int] = {}
         self._warm: dict[int, int] = {}  # unit -> changelog records still to read
+        #: Releases the coordinator has not acknowledged: resent with every heartbeat.
+        self._unacked: list[tuple[int, int, int | None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.changed = threading.Event()
@@ -142,6 +144,7 @@ class MemberSession:
             metrics, self._pending = self._pending, CohortObservations()
             positions = dict(self._positions)
             warm = dict(self._warm)
+            unacked = list(self._unacked)
             known = self._digest
 
         request = {
@@ -150,6 +153,7 @@ class MemberSession:
             "metrics": obs_to_dict(metrics) if metrics.processed or metrics.kpis else None,
             "positions": positions,
             "warm": warm,
+            "released": unacked,
         }
         t_send = time.monotonic()
         try:
@@ -165,6 +169,7 @@ class MemberSession:
             for u in resp["units"]
         }
         with self._lock:
+            self._unacked = [r for r in self._unacked if r not in unacked]
             self.lease_seconds = float(resp["lease_seconds"])
             self._deadline = t_send + self.lease_seconds
             if resp["digest"] != self._digest:
@@ -177,6 +182,7 @@ class MemberSession:
 
     def _drop_view(self) -> None:
         with self._lock:
+            self._unacked.clear()  # the coordinator took those units back with our lease
             self._deadline = 0.0
             self._view = {}
             self._digest = None
@@ -213,6 +219,11 @@ class MemberSession:
         with self._lock:
             self._pending = self._pending.merge(delta)
             self._positions.update(positions)
+
+    def queue_release(self, released: list[tuple[int, int, int | None]]) -> None:
+        """A release that did not get through: send it again with the next heartbeats."""
+        with self._lock:
+            self._unacked.extend(released)
 
     def report_warm(self, unit: int, behind: int | None) -> None:
         """How far a unit being warmed up is from the changelog's end (None: not warming)."""

@@ -474,8 +474,8 @@ def test_state_equals_one_owners_after_any_sequence(
 
 
 # --- regressions -------------------------------------------------------------------------------
-# Deterministic reductions of library bugs met with the faults above. Each is xfail(strict) until
-# the library is fixed; the fix turns it into an XPASS failure: then remove the mark.
+# Deterministic reductions of library bugs the faults above found (all fixed): each keeps its bug
+# from coming back.
 
 
 @pytest.fixture
@@ -504,14 +504,6 @@ def _watermarks(rig: StatefulRig) -> dict[int, tuple[int, int]]:
 @pytest.mark.slow
 @pytest.mark.kafka
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="after a kill between the changelog flush and the offset commit, the next owner "
-    "starts at the checkpoint but never commits it while its partition stays quiet: "
-    "KafkaMember._sync records the restored start as committed (client/kafka.py, "
-    "self._committed[g.unit] = off), so _commit skips the partition",
-)
 def test_checkpoint_is_committed_after_a_kill_between_flush_and_commit(rig: StatefulRig) -> None:
     # A processes everything and is killed inside a commit: its checkpoint is on the broker, its
     # offsets are not. B takes over after lease + margin, restores the checkpoint and starts
@@ -554,14 +546,6 @@ def test_checkpoint_is_committed_after_a_kill_between_flush_and_commit(rig: Stat
 @pytest.mark.slow
 @pytest.mark.kafka
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a release the coordinator never acknowledged is never sent again: KafkaMember "
-    "marks (unit, epoch) in _released before s.release() succeeds, and the orphan path skips "
-    "what is in _released (client/kafka.py, _release and _sync); the unit stays revoking while "
-    "its old owner lives (its lease never runs out), so nobody processes it",
-)
 def test_lost_release_is_sent_again(rig: StatefulRig) -> None:
     # A holds every partition. B joins; A is told to release two of them, and its release call
     # fails as HttpTransport's does when the coordinator does not answer for 5 s.
@@ -604,15 +588,6 @@ def test_lost_release_is_sent_again(rig: StatefulRig) -> None:
 @pytest.mark.slow
 @pytest.mark.kafka
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="messages are skipped when the lease's soft deadline passes in the middle of a "
-    "batch and the lease is renewed before the next step: KafkaMember._step breaks out of the "
-    "batch (client/kafka.py, 'the lease is ending: the next step commits while it still "
-    "holds') and drops the rest of it, and the next step, no longer ending, consumes on from "
-    "after the batch; _next jumps over the dropped offsets, which are committed unprocessed",
-)
 def test_no_message_skipped_when_the_lease_is_renewed_just_after_it_was_ending(
     rig: StatefulRig,
 ) -> None:
