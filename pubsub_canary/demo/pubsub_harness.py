@@ -63,6 +63,11 @@ class PubSubReport:
     #: target share -> measured canary share (percent), over messages published while it held.
     shares: dict[float, float] = field(default_factory=dict)
     share_messages: dict[float, int] = field(default_factory=dict)
+    #: target share -> share of those messages whose bucket the canary held: what the routing
+    #: should give with these keys (the gap to the target is the keys' sample, not routing).
+    bucket_shares: dict[float, float] = field(default_factory=dict)
+    #: Messages processed by the cohort that did not hold their bucket (known sets only).
+    misrouted: int = 0
     #: Keys processed by both cohorts while the share was constant.
     keys_in_both: int = 0
     #: Messages processed before an earlier message of the same key.
@@ -346,6 +351,7 @@ class PubSubHarness(Harness):
         timeline: list[tuple[float, float]] | None = None,
         *,
         margin: float = 1.0,
+        canary_buckets: dict[float, set[int]] | None = None,
     ) -> PubSubReport:
         rows = self.rows()
         dead = self.read_dead_letters()
@@ -369,35 +375,46 @@ class PubSubHarness(Harness):
             duplicate_ids=dups[:20],
         )
         if timeline:
-            measure_shares(report, list(first.values()), timeline, margin)
+            measure_shares(report, list(first.values()), timeline, margin, canary_buckets or {})
         report.order_violations = order_violations(list(first.values()))
         return report
 
 
 def measure_shares(
-    report: PubSubReport, rows: list[Row], timeline: list[tuple[float, float]], margin: float
+    report: PubSubReport,
+    rows: list[Row],
+    timeline: list[tuple[float, float]],
+    margin: float,
+    canary_buckets: dict[float, set[int]],
 ) -> None:
-    """Per constant-share period: the canary's share of the messages published in it (from
-    ``margin`` seconds after the change, so members have the new route), and the keys seen by
-    both cohorts."""
+    """Per constant-share period: the canary's share of the messages published and handled in
+    it (from ``margin`` seconds after the change, so members have the new route), and the keys
+    seen by both cohorts."""
     times = [t for t, _ in timeline]
-    counts: dict[float, list[int]] = defaultdict(lambda: [0, 0])
+    counts: dict[float, list[int]] = defaultdict(lambda: [0, 0, 0])
     cohorts: dict[tuple[int, str], set[str]] = defaultdict(set)
     for r in rows:
         t = r.publish_ms / 1000.0
         i = bisect.bisect_right(times, t) - 1
         if i < 0 or t - times[i] < margin:
             continue
-        if i + 1 < len(times) and times[i + 1] - t < 0.2:
-            continue  # published just before a change, routed just after it
+        if i + 1 < len(times) and (times[i + 1] - t < 0.2 or r.at >= times[i + 1]):
+            continue  # published just before a change, or handled after it: routed by which?
         share = timeline[i][1]
         if share <= 0:
             continue
         counts[share][0] += r.cohort == "canary"
         counts[share][1] += 1
+        held = canary_buckets.get(share)
+        if held is not None:
+            counts[share][2] += r.bucket in held
+            report.misrouted += (r.bucket in held) != (r.cohort == "canary")
         cohorts[(i, r.key)].add(r.cohort)
-    report.shares = {s: 100.0 * c / n for s, (c, n) in counts.items() if n}
-    report.share_messages = {s: n for s, (_, n) in counts.items()}
+    report.shares = {s: 100.0 * c / n for s, (c, n, _) in counts.items() if n}
+    report.share_messages = {s: n for s, (_, n, _) in counts.items()}
+    report.bucket_shares = {
+        s: 100.0 * b / n for s, (_, n, b) in counts.items() if n and s in canary_buckets
+    }
     report.keys_in_both = sum(1 for (_, key), cs in cohorts.items() if key and len(cs) > 1)
 
 

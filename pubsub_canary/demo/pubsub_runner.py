@@ -64,6 +64,21 @@ def create_subscription(backend: Any, stamp: str, *, ordered: bool = False) -> t
     return topic, sub, dlq
 
 
+def apply_when_registered(h: PubSubHarness, spec: dict[str, Any], timeout: float = 60) -> Any:
+    """Apply the rollout once a member registered (a Pub/Sub group exists only then)."""
+    from pubsub_canary.errors import NotFound
+
+    deadline = time.monotonic() + timeout
+    time.sleep(2.0)  # members start up and stable starts consuming
+    while True:
+        try:
+            return h.client.apply(spec)
+        except NotFound:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
 def run_pubsub_demo(args: argparse.Namespace) -> int:
     if args.stable < 1 or args.canary < 1:
         raise ConfigError("--stable and --canary need at least 1 member each", field="members")
@@ -114,16 +129,21 @@ def run_pubsub_demo(args: argparse.Namespace) -> int:
             h.start_member(
                 "canary", CANARY_VERSION, fail_rate=0.3 if onset else 0.0, fail_after=onset
             )
-        time.sleep(3.0)  # members register; a rollout needs the group to exist
-        status = h.client.apply(spec)
+        status = apply_when_registered(h, spec)
         say(f"rollout {name}: {STABLE_VERSION} -> {CANARY_VERSION}, steps 10/25/50/100%")
         t0 = time.monotonic()
         max_share = 0.0
         deadline = t0 + 60 + 8 * args.hold
+        held: dict[float, set[int]] = {}  # share -> the canary's buckets at it
         while status["phase"] not in TERMINAL and time.monotonic() < deadline:
             time.sleep(1.0)
             status = h.client.status(name)
             max_share = max(max_share, float(status["share"]))
+            settled = all(v["status"] == "owned" for v in status["units"].values())
+            if settled and status["phase"] in ("progressing", "awaiting_approval", "paused"):
+                held[float(status["share"])] = {
+                    int(u) for u, v in status["units"].items() if v["cohort"] == "canary"
+                }
             say(_line(t0, status))
         publisher.stop()
         published = set(publisher.ids)
@@ -131,7 +151,7 @@ def run_pubsub_demo(args: argparse.Namespace) -> int:
         final = h.client.status(name)
         timeline = h.timeline(name)
         h.stop_members()
-        report = h.report(published, timeline)
+        report = h.report(published, timeline, canary_buckets=held)
         h.stop_coordinator()
         rollback_at = final.get("rollback_started_at")
         summary = {
@@ -154,6 +174,12 @@ def run_pubsub_demo(args: argparse.Namespace) -> int:
             "max_canary_share": max_share,
             "canary_share_error": report.canary_share_error,
             "measured_shares": {f"{k:g}": round(v, 3) for k, v in sorted(report.shares.items())},
+            # The share these messages' keys give with the canary's buckets: the gap between
+            # it and the target is the keys' sample; between it and the measured one, routing.
+            "bucket_shares": {
+                f"{k:g}": round(v, 3) for k, v in sorted(report.bucket_shares.items())
+            },
+            "misrouted": report.misrouted,
             "routing_dead_letters": report.routing_dead_letters,
             "keys_in_both_cohorts": report.keys_in_both,
             "redelivered": report.redelivered,
