@@ -188,6 +188,7 @@ def test_regression_is_rolled_back_and_drained_with_no_routing_dead_letters(
     # Decision to stable owning every bucket, the canary's backlog drained.
     assert status["rollback_seconds"] is not None and status["rollback_seconds"] < 5.0
     report = finish(cluster, timeline=True)
+    print(f"regression: {report}; rollback {status['rollback_seconds']:.2f}s")
     check_invariants(report)
     # Every dead letter is a real failure of the canary's handler, none the policy's.
     assert report.dead_lettered > 0
@@ -222,6 +223,8 @@ def test_canary_sigkill_mid_step_loses_nothing(cluster: PubSubHarness) -> None:
     report = finish(h)
     # What the canary processed but had not acked comes back to stable after the route
     # subscription's 10 s ack deadline: processed twice, at most what it held (2 pulls).
+    print(f"SIGKILL: {report.produced} published, {report.duplicates} duplicates, "
+          f"{report.redelivered} redelivered, buckets back after {back_after:.2f}s")  # fmt: skip
     check_invariants(report, duplicates_ok=250)
     rows = h.rows()
     by_id: dict[str, list[Any]] = {}
