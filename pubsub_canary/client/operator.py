@@ -18,7 +18,12 @@ class OperatorClient:
 
     def _req(self, method: str, path: str, **kw: Any) -> Any:
         try:
-            resp = self._client.request(method, path, **kw)
+            try:
+                resp = self._client.request(method, path, **kw)
+            except httpx.RemoteProtocolError:
+                # The server closed an idle keep-alive connection as we reused it: the request
+                # was not taken, so sending it once more is safe.
+                resp = self._client.request(method, path, **kw)
         except httpx.HTTPError as exc:
             raise CoordinatorUnavailable(
                 f"coordinator at {self.base_url} did not answer ({type(exc).__name__}); is it "
