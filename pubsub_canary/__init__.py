@@ -14,6 +14,7 @@ library inside each consumer) and rollout files are what most users need::
 
 from pubsub_canary.client.kafka import KafkaMember
 from pubsub_canary.client.processing import PoisonMessage, Record, RetryPolicy
+from pubsub_canary.client.pubsub import PubSubMember
 from pubsub_canary.client.state import PartitionState
 from pubsub_canary.client.stateful import StatefulKafkaMember
 from pubsub_canary.core.judge.policy import AnalysisPolicy
@@ -35,6 +36,7 @@ __all__ = [  # noqa: RUF022 - grouped by use, not sorted
     # Members: the library inside each consumer
     "KafkaMember",
     "StatefulKafkaMember",
+    "PubSubMember",
     "Record",
     "PartitionState",
     "RetryPolicy",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pubsub_canary
 
 EXPECTED = {
-    "KafkaMember", "StatefulKafkaMember", "Record", "PartitionState", "RetryPolicy",
+    "KafkaMember", "StatefulKafkaMember", "PubSubMember", "Record", "PartitionState", "RetryPolicy",
     "PoisonMessage", "RolloutSpec", "AnalysisPolicy", "load_rollout_spec", "rollout_json_schema",
     "CanaryError", "ConfigError", "ConflictError", "NotFound", "TransitionError", "BrokerError",
     "CoordinatorUnavailable", "LeaseExpired", "__version__",
