@@ -12,10 +12,43 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from pubsub_canary.core.machine import Phase
+from pubsub_canary.core.observations import LATENCY_BUCKETS, LatencyHistogram, Verdict
+
+#: Bucket bounds exposed for processing latency. Members count latencies in the finer
+#: LATENCY_BUCKETS; each exposed bucket counts the samples of the member buckets whose upper
+#: bound is at or below it, so counts are exact for those bounds and never overstated.
+EXPOSED_LATENCY_BOUNDS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+def _histogram_buckets(h: LatencyHistogram) -> list[tuple[str, float]]:
+    out, total, i = [], 0, 0
+    for bound in EXPOSED_LATENCY_BOUNDS:
+        while i < len(LATENCY_BUCKETS) and LATENCY_BUCKETS[i] <= bound:
+            total += h.counts[i]
+            i += 1
+        out.append((repr(bound), float(total)))
+    out.append(("+Inf", float(h.total)))
+    return out
+
 
 if TYPE_CHECKING:
     from pubsub_canary.coordinator.service import Coordinator, HandoffEvent
@@ -56,6 +89,26 @@ class CoordinatorCollector(Collector):
             "messages finished by members, by outcome",
             labels=["group", "cohort", "outcome"],
         )
+        latency = HistogramMetricFamily(
+            "pubsub_canary_processing_latency_seconds",
+            "handler latency per message, per cohort (since the coordinator started)",
+            labels=["group", "cohort"],
+        )
+        verdict = GaugeMetricFamily(
+            "pubsub_canary_verdict",
+            "1 for the current verdict of each metric of a step ('step': the overall verdict)",
+            labels=["group", "rollout", "metric", "verdict"],
+        )
+        evidence = GaugeMetricFamily(
+            "pubsub_canary_verdict_evidence",
+            "numeric evidence behind each metric's verdict (e-values, rates, bounds)",
+            labels=["group", "rollout", "metric", "name"],
+        )
+        lease_min = GaugeMetricFamily(
+            "pubsub_canary_member_lease_remaining_seconds",
+            "shortest lease left among a cohort's members (negative: expired, not reclaimed)",
+            labels=["group", "cohort"],
+        )
         with c._lock:
             for r in c.rollouts.values():
                 if not r.active and r.state.phase not in (Phase.PROMOTED, Phase.ROLLED_BACK):
@@ -66,6 +119,19 @@ class CoordinatorCollector(Collector):
                     )
                 step.add_metric([r.group_key, r.name], r.state.step + 1)
                 share.add_metric([r.group_key, r.name], r.state.share / 100.0)
+                j = c.judgements.get(r.name)
+                if j is not None and r.active:
+                    for name, v in [("step", j.verdict)] + [
+                        (m.metric, m.verdict) for m in j.metrics
+                    ]:
+                        for option in Verdict:
+                            verdict.add_metric(
+                                [r.group_key, r.name, name, option.value], 1.0 if v is option else 0
+                            )
+                    for m in j.metrics:
+                        for key, value in m.evidence.items():
+                            if isinstance(value, int | float) and not isinstance(value, bool):
+                                evidence.add_metric([r.group_key, r.name, m.metric, key], value)
             cohort_of = {mid: m.record.cohort for mid, m in c.members.items()}
             for key, g in c.groups.items():
                 counts = {"stable": 0, "canary": 0}
@@ -88,12 +154,34 @@ class CoordinatorCollector(Collector):
                     )
                     if g.offsets:
                         lag.add_metric([key, co], lags[co])
+                now = c.clock.monotonic()
+                for co in ("stable", "canary"):
+                    leases = [
+                        m.lease_expires - now
+                        for m in c.members.values()
+                        if m.record.group_key == key and m.record.cohort == co
+                    ]
+                    if leases:
+                        lease_min.add_metric([key, co], min(leases))
                 for co, o in g.totals.items():
+                    latency.add_metric([key, co], _histogram_buckets(o.latency), None)
                     ok = o.processed - o.dead_lettered
                     processed.add_metric([key, co, "ok"], ok)
                     processed.add_metric([key, co, "dead_lettered"], o.dead_lettered)
                     processed.add_metric([key, co, "error"], o.errors)
-        yield from (phase, step, share, units, members, lag, processed)
+        yield from (
+            phase,
+            step,
+            share,
+            units,
+            members,
+            lag,
+            processed,
+            latency,
+            verdict,
+            evidence,
+            lease_min,
+        )
 
 
 def build_registry(coordinator: Coordinator) -> CollectorRegistry:
