@@ -133,6 +133,8 @@ class Harness:
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.members: dict[str, MemberProc] = {}
         self.client = OperatorClient(self.url)
+        #: The environment of every process started (subclasses add a backend's variables).
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._n = 0
         self._coordinator_starts = 0
 
@@ -141,9 +143,8 @@ class Harness:
     def _spawn(self, args: list[str], log_name: str) -> tuple[subprocess.Popen[bytes], Path]:
         log_path = self.workdir / log_name
         out = open(log_path, "ab")  # noqa: SIM115 - the child owns it
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(
-            [sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=env
+            [sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=self.env
         )
         out.close()
         return proc, log_path
@@ -159,8 +160,7 @@ class Harness:
                 f"127.0.0.1:{self.port}",
                 "--store",
                 self.store_url,
-                "--bootstrap-servers",
-                self.bootstrap,
+                *(["--bootstrap-servers", self.bootstrap] if self.bootstrap else []),
                 "--lease-seconds",
                 str(self.lease_seconds),
             ],

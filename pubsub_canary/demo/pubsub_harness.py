@@ -13,8 +13,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -24,7 +22,6 @@ from typing import Any
 
 from pubsub_canary.client.routing import ATTR_ERROR
 from pubsub_canary.demo.harness import Harness
-from pubsub_canary.errors import BackendUnavailable
 
 
 @dataclass(frozen=True)
@@ -204,38 +201,6 @@ class PubSubHarness(Harness):
             request={"name": self.dead_letter_observer, "topic": dead_letter_topic}
         )
         self._dead: dict[str, bool] = {}  # message id -> written by a handler failure
-
-    def _spawn(self, args: list[str], log_name: str) -> tuple[subprocess.Popen[bytes], Path]:
-        log_path = self.workdir / log_name
-        out = open(log_path, "ab")  # noqa: SIM115 - the child owns it
-        proc = subprocess.Popen(
-            [sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=self.env
-        )
-        out.close()
-        return proc, log_path
-
-    def start_coordinator(self, timeout: float = 20.0) -> None:
-        self._coordinator_starts += 1
-        self.coordinator, log_path = self._spawn(
-            [
-                "-m",
-                "pubsub_canary.cli",
-                "coordinator",
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                "--store",
-                self.store_url,
-                "--lease-seconds",
-                str(self.lease_seconds),
-            ],
-            "coordinator.log",
-        )
-        deadline = time.monotonic() + timeout
-        while not self.client.healthy():
-            if self.coordinator.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_text(errors="replace")[-2000:]
-                raise BackendUnavailable(f"the coordinator did not start; its log ends:\n{tail}")
-            time.sleep(0.1)
 
     def start_member(  # type: ignore[override]
         self,
