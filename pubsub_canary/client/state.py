@@ -120,6 +120,15 @@ class PartitionState(MutableMapping[str, Any]):
     def snapshot(self) -> dict[str, Any]:
         return dict(self._data)
 
+    def is_clean(self) -> bool:
+        """Every change has been taken for the changelog, and no attempt is half done."""
+        return not self._dirty and not self._undo
+
+    def detach(self) -> dict[str, Any]:
+        """Hand the data over (this object must not be used afterwards)."""
+        data, self._data = self._data, {}
+        return data
+
 
 class ChangelogWriter:
     """Writes checkpoint batches to the changelog; flushes before the caller commits."""
@@ -129,10 +138,14 @@ class ChangelogWriter:
         self.topic = topic
         self.formats = formats
         self._failed: str | None = None
+        #: partition -> (input offset, changelog offset) of its last marker on the broker.
+        self.last_marker: dict[int, tuple[int, int]] = {}
 
-    def _delivered(self, err: Any, _msg: Any) -> None:
+    def _delivered(self, err: Any, msg: Any) -> None:
         if err is not None:
             self._failed = str(err)
+        elif msg.key() == MARKER_KEY:
+            self.last_marker[msg.partition()] = (int(msg.value()), msg.offset())
 
     def checkpoint(self, partition: int, epoch: int, through: int, state: PartitionState) -> None:
         """Queue the changed keys of ``state`` and a marker saying it reflects ``< through``."""
@@ -180,6 +193,8 @@ class Restored:
     through: int | None
     records: int
     seconds: float
+    #: Of ``records``, how many were read by this catch-up (the rest while warming up).
+    caught_up: int = 0
 
 
 def _header(headers: list[tuple[str, bytes]] | None, name: str) -> bytes | None:
@@ -241,9 +256,12 @@ class ChangelogReader:
             )
         return migrate(v)
 
-    def tail(self, partition: int) -> ChangelogTail:
-        """A reader of one changelog partition that can stop and resume (for warming up)."""
-        return ChangelogTail(self, partition)
+    def tail(self, partition: int, seed: Seed | None = None) -> ChangelogTail:
+        """A reader of one changelog partition that can stop and resume (for warming up).
+
+        With ``seed`` it starts from a state already known instead of the partition's start.
+        """
+        return ChangelogTail(self, partition, seed)
 
     def restore(
         self, partition: int, *, until: int | None = None, timeout: float = 60.0
@@ -256,6 +274,17 @@ class ChangelogReader:
             t.close()
 
 
+@dataclass(frozen=True)
+class Seed:
+    """A partition's state as of one of its markers, kept by the member that wrote it."""
+
+    data: dict[str, Any]
+    #: The input offset the marker reflects.
+    through: int
+    #: The changelog offset of the marker: reading resumes after it.
+    marker_offset: int
+
+
 class ChangelogTail:
     """Reads one changelog partition from the start, applying complete batches as they come.
 
@@ -263,15 +292,15 @@ class ChangelogTail:
     it catches up to the old owner's final marker, which is then only a short tail away.
     """
 
-    def __init__(self, reader: ChangelogReader, partition: int) -> None:
+    def __init__(self, reader: ChangelogReader, partition: int, seed: Seed | None = None) -> None:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
         self.reader = reader
         self.partition = partition
-        self.data: dict[str, Any] = {}
-        self.through: int | None = None
+        self.data: dict[str, Any] = seed.data if seed is not None else {}
+        self.through: int | None = seed.through if seed is not None else None
         self.records = 0
-        self.position = 0
+        self.position = seed.marker_offset + 1 if seed is not None else 0
         self._pending: list[tuple[bytes, bytes | None, int, int]] = []
         self._high = 0
         self._high_at = 0.0
@@ -281,7 +310,8 @@ class ChangelogTail:
         # Ask for the watermarks before assigning: with the partition assigned, the first
         # request can wait behind a fetch (measured: 0.5 s of every cold restore).
         self.high_watermark()
-        self._c.assign([TopicPartition(reader.topic, partition, OFFSET_BEGINNING)])
+        start = self.position if seed is not None else OFFSET_BEGINNING
+        self._c.assign([TopicPartition(reader.topic, partition, start)])
 
     def high_watermark(self, max_age: float = 0.0) -> int:
         now = time.monotonic()
@@ -331,6 +361,7 @@ class ChangelogTail:
     def catch_up(self, *, until: int | None = None, timeout: float = 60.0) -> Restored:
         """Read to the end of the partition, and with ``until`` to that offset's marker."""
         started = time.monotonic()
+        before = self.records
         deadline = started + timeout
         high = self.high_watermark()
         while self.position < high or (until is not None and self.through != until):
@@ -347,6 +378,7 @@ class ChangelogTail:
             self.through,
             self.records,
             time.monotonic() - started,
+            self.records - before,
         )
 
     def close(self) -> None:

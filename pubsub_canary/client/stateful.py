@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ from pubsub_canary.client.state import (
     ChangelogWriter,
     Migration,
     PartitionState,
+    Seed,
     StateFormats,
 )
 from pubsub_canary.errors import ConfigError
@@ -33,6 +35,10 @@ from pubsub_canary.errors import ConfigError
 log = logging.getLogger("pubsub_canary.member.state")
 
 StatefulHandler = Callable[[Record, PartitionState], object]
+
+
+#: How long the state of a released partition is kept for a standby warm-up that may follow.
+RETIRED_SECONDS = 30.0
 
 
 class StatefulKafkaMember(KafkaMember):
@@ -73,7 +79,13 @@ class StatefulKafkaMember(KafkaMember):
         self._reader = ChangelogReader(self._consumer_config, self.changelog_topic, self.formats)
         #: Per partition: seconds spent restoring state on the last grant (after warm-up).
         self.restore_seconds: dict[int, float] = {}
+        #: Per partition: changelog records read on the last grant (after warm-up).
+        self.restore_records: dict[int, int] = {}
         self._warmers: dict[int, Warmer] = {}
+        #: States of partitions just released, as of their final marker, with when: the
+        #: coordinator may name this member their standby (it would get them back on a
+        #: rollback), and then the warm-up starts from here instead of the changelog's start.
+        self._retired: dict[int, tuple[Seed, float]] = {}
 
     @staticmethod
     def _unused(record: Record) -> object:  # pragma: no cover - replaced by _call
@@ -121,7 +133,11 @@ class StatefulKafkaMember(KafkaMember):
             # complete checkpoint, whatever the committed offset says. A unit warmed up in
             # the background only has the last few batches left to read.
             warmer = self._warmers.pop(g.unit, None)
-            tail = warmer.finish() if warmer is not None else self._reader.tail(g.unit)
+            tail = warmer.finish() if warmer is not None else None
+            if tail is None:  # never warmed, or the warm-up failed: read from the start,
+                # or from our own last marker if we held the partition moments ago
+                seed = self._take_seed(g.unit)
+                tail = self._reader.tail(g.unit, seed if warmer is None else None)
             self.session.report_warm(g.unit, None)
             try:
                 restored = tail.catch_up(until=want)
@@ -129,14 +145,16 @@ class StatefulKafkaMember(KafkaMember):
                 tail.close()
             self.states[g.unit] = PartitionState(g.unit, restored.data)
             self.restore_seconds[g.unit] = restored.seconds
+            self.restore_records[g.unit] = restored.caught_up
             if restored.through is not None:
                 starts[g.unit] = restored.through
             log.info(
-                "partition %s: state of %d keys restored from %d changelog records in %.3fs, "
-                "starting at offset %s",
+                "partition %s: state of %d keys restored from %d changelog records (%d of them "
+                "on the grant, the rest warmed up before) in %.3fs, starting at offset %s",
                 g.unit,
                 len(restored.data),
                 restored.records,
+                restored.caught_up,
                 restored.seconds,
                 starts[g.unit],
             )
@@ -149,25 +167,43 @@ class StatefulKafkaMember(KafkaMember):
                 self._writer.checkpoint(p, self._held[p].epoch, self._next[p], self.states[p])
 
     def _view_changed(self, view: dict[int, UnitGrant]) -> None:
-        warming = {u for u, g in view.items() if g.status == "warming"}
+        # "warming": this member is about to own the unit; "standby": it would get the unit
+        # back if the rollout were rolled back now. Both keep the unit's state warm.
+        wanted = {u for u, g in view.items() if g.status in ("warming", "standby")}
+        assert self.session is not None
         for u in list(self._warmers):
-            if u not in warming and not (u in view and view[u].status == "owned"):
-                self._warmers.pop(u).finish().close()  # the move was called off
-                assert self.session is not None
+            if u not in wanted and not (u in view and view[u].status == "owned"):
+                self._warmers.pop(u).discard()  # the move was called off
                 self.session.report_warm(u, None)
-        for u in warming - set(self._warmers):
-            assert self.session is not None
-            self._warmers[u] = Warmer(self._reader.tail(u), self.session)
+        if wanted - set(self._warmers):
+            # State the canary wrote may need the rollout's migrations to be read.
+            self._reader.add_rollout_migrations(self.session.state_migrations)
+        for u in sorted(wanted - set(self._warmers)):
+            self._warmers[u] = Warmer(self._reader.tail(u, self._take_seed(u)), self.session)
+        now = time.monotonic()
+        for u, (_, since) in list(self._retired.items()):
+            if now - since > RETIRED_SECONDS:
+                del self._retired[u]
+
+    def _take_seed(self, unit: int) -> Seed | None:
+        seed, since = self._retired.pop(unit, (None, 0.0))
+        return seed if time.monotonic() - since <= RETIRED_SECONDS else None
 
     def _close(self) -> None:
         for w in self._warmers.values():
-            w.finish().close()
+            w.discard()
         self._warmers.clear()
         super()._close()
 
     def _forget(self, parts: list[int]) -> None:
+        markers = self._writer.last_marker if self._writer is not None else {}
         for p in parts:
-            self.states.pop(p, None)
+            state = self.states.pop(p, None)
+            marker = markers.pop(p, None)
+            # Kept only if it is exactly what the changelog holds up to our last marker: every
+            # change was written (none dirty) and that marker is on the broker.
+            if state is not None and marker is not None and state.is_clean():
+                self._retired[p] = (Seed(state.detach(), *marker), time.monotonic())
 
 
 class Warmer:
@@ -175,12 +211,14 @@ class Warmer:
 
     It reports how far it is from the changelog's end with every heartbeat; the coordinator
     revokes the partition from its owner once this is small, so the handoff only waits for the
-    last few batches instead of the whole state.
+    last few batches instead of the whole state. A stable member keeps standby units warm the
+    same way, for as long as a rollback would give them back to it.
     """
 
     def __init__(self, tail: ChangelogTail, session: MemberSession) -> None:
         self.tail = tail
         self.session = session
+        self.failed: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"warm-{tail.partition}", daemon=True
@@ -192,11 +230,28 @@ class Warmer:
             while not self._stop.is_set():
                 self.tail.poll(0.1)
                 self.session.report_warm(self.tail.partition, self.tail.behind())
-        except Exception as exc:  # the grant restores cold instead
+        except Exception as exc:  # the grant reads the partition from the start instead
+            self.failed = str(exc)
             log.warning("warming partition %s failed: %s", self.tail.partition, exc)
 
-    def finish(self) -> ChangelogTail:
-        """Stop reading in the background; the caller continues with the tail."""
+    def finish(self) -> ChangelogTail | None:
+        """Stop reading in the background; the caller continues with the tail.
+
+        None when the warm-up failed (a batch may be half applied) or did not stop: the caller
+        reads the partition from the start instead.
+        """
         self._stop.set()
         self._thread.join(10)
+        if self._thread.is_alive():
+            log.warning("warming partition %s did not stop; reading it anew", self.tail.partition)
+            return None  # its consumer is still in use by the thread: leave it
+        if self.failed is not None:
+            self.tail.close()
+            return None
         return self.tail
+
+    def discard(self) -> None:
+        """Stop and drop the warm-up."""
+        tail = self.finish()
+        if tail is not None:
+            tail.close()

@@ -102,6 +102,9 @@ class LiveGroup:
     lag_units: dict[tuple[str, int, str], frozenset[int]] = field(default_factory=dict)
     #: (unit, next owner) -> when the move was first planned, for the warm-up timeout.
     warm_since: dict[tuple[int, str], float] = field(default_factory=dict)
+    #: unit -> the stable member a rollback would give it to, for units the canary holds or
+    #: is about to hold (stateful groups during a rollout): it keeps their state warm.
+    standby: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -392,6 +395,14 @@ class Coordinator:
                 for u, st in sorted(g.units.items())
                 if g.target.get(u) == mid and st.owner not in (None, mid)
             ]
+            # Units the canary holds that this member would get back on a rollback: it keeps
+            # their state warm too, so that a rollback does not restore from the changelog's
+            # start while the partition stands still.
+            units += [
+                {"unit": u, "epoch": g.units[u].epoch, "offset": None, "status": "standby"}
+                for u, owner in sorted(g.standby.items())
+                if owner == mid and g.units[u].owner != mid and g.target.get(u) != mid
+            ]
         digest = ";".join(f"{x['unit']}:{x['epoch']}:{x['status']}" for x in units)
         rollout = self._active_rollout(g.record.key)
         # Every rollout's migrations, not only the active one's: state the canary wrote stays
@@ -674,6 +685,10 @@ class Coordinator:
                 if pos is not None:
                     g.redeliver[u] = pos
         g.target = plan_assignment(sorted(g.units), takers, current, self._share(key))
+        standby = self._standby(g, takers, current)
+        if standby != g.standby:
+            g.standby = standby
+            self._bump()
         units, changes = reconcile(
             g.units, g.target, alive, self.clock.wall(), self._warm_gate(g, now)
         )
@@ -706,6 +721,27 @@ class Coordinator:
             m.record.group_key == g.record.key and "state_formats" in m.record.meta
             for m in self.members.values()
         )
+
+    def _standby(
+        self, g: LiveGroup, takers: list[MemberView], current: dict[int, str | None]
+    ) -> dict[int, str]:
+        """Who would get each canary unit back if the rollout were rolled back now.
+
+        The same planner at share 0 decides it, so the standby is the member the rollback will
+        really grant the unit to (as long as the members stay the same).
+        """
+        r = self._active_rollout(g.record.key)
+        if r is None or r.state.phase is Phase.ROLLING_BACK or not self._stateful(g):
+            return {}
+        canary = {v.member_id for v in takers if v.cohort is Cohort.CANARY}
+        if not canary:
+            return {}
+        back = plan_assignment(sorted(g.units), takers, current, 0.0)
+        return {
+            u: owner
+            for u, owner in back.items()
+            if owner is not None and (current.get(u) in canary or g.target.get(u) in canary)
+        }
 
     def _warm_gate(self, g: LiveGroup, now: float) -> Callable[[int, str], bool] | None:
         """For stateful groups: revoke a unit only once its next owner has warmed up.

@@ -58,6 +58,15 @@ def wait_settled(r: StatefulRig, name: str, canary_units: int, timeout: float = 
     raise AssertionError(f"not settled at {canary_units} canary units: {s['units']}")
 
 
+def assert_state_agrees(r: StatefulRig) -> None:
+    """Every key's state is what one owner processing each message once holds, and each
+    partition's last checkpoint reflects exactly its committed offset."""
+    r.stop_all()
+    mismatches, agree = r.check_state()
+    assert mismatches == 0
+    assert all(t == c for t, c in agree.values()), agree
+
+
 def test_state_follows_partitions_through_promotion_and_rollback(rig: StatefulRig) -> None:
     rig.start_member("stable", "1")
     rig.start_member("stable", "1")
@@ -71,11 +80,7 @@ def test_state_follows_partitions_through_promotion_and_rollback(rig: StatefulRi
     wait_settled(rig, "r1", 6)
     rig.produce(1500)
     assert rig.wait_caught_up()
-    rig.stop_all()
-    mismatches, agree = rig.check_state()
-    assert mismatches == 0
-    for p, (through, committed) in agree.items():
-        assert through == committed, f"partition {p}: state at {through}, committed {committed}"
+    assert_state_agrees(rig)
 
 
 def test_rollback_hands_canary_state_back_to_stable(rig: StatefulRig) -> None:
@@ -91,10 +96,73 @@ def test_rollback_hands_canary_state_back_to_stable(rig: StatefulRig) -> None:
     wait_settled(rig, "r2", 0)
     rig.produce(1000)
     assert rig.wait_caught_up()
-    rig.stop_all()
-    mismatches, agree = rig.check_state()
-    assert mismatches == 0
-    assert all(t == c for t, c in agree.values()), agree
+    assert_state_agrees(rig)
+
+
+def _changelog_ends(r: StatefulRig, partitions: set[int]) -> dict[int, int]:
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": r.bootstrap, "group.id": f"{r.group}-watermarks"})
+    try:
+        return {
+            p: c.get_watermark_offsets(TopicPartition(r.changelog, p), timeout=10)[1]
+            for p in partitions
+        }
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("keep_released_state", [True, False])
+def test_a_rollback_finds_stable_already_warm(
+    rig: StatefulRig, keep_released_state: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While the canary holds a partition, the stable member a rollback would give it back to
+    # keeps its state warm (from the state it had when it released it, or, if it kept none,
+    # read from the changelog's start in the background), so the rollback reads only the
+    # canary's last batches, not the whole changelog.
+    if not keep_released_state:
+        monkeypatch.setattr("pubsub_canary.client.stateful.RETIRED_SECONDS", -1.0)
+    name = rig.start_member("stable", "1")
+    stable, _ = rig.members[name]
+    rig.start_member("canary", "2")
+    rig.produce(1500)
+    assert rig.wait_caught_up()
+    rig.coordinator.apply_rollout(spec(rig, "r6", 50))
+    wait_settled(rig, "r6", 3)
+    moved = {
+        int(u) for u, x in rig.coordinator.status("r6")["units"].items() if x["cohort"] == "canary"
+    }
+    for _ in range(6):
+        rig.produce(300)
+        time.sleep(0.3)  # several canary checkpoints per partition
+    assert rig.wait_caught_up()
+    ends = _changelog_ends(rig, moved)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not all(
+        w.tail.position >= ends[p] for p, w in list(stable._warmers.items())
+    ):
+        time.sleep(0.05)
+    # Stable tails exactly the partitions the canary holds, caught up with what it wrote.
+    assert set(stable._warmers) == moved
+    assert all(w.tail.position >= ends[p] for p, w in stable._warmers.items())
+    started_from = {p: ends[p] - w.tail.records for p, w in stable._warmers.items()}
+    if keep_released_state:  # from the marker it wrote when it released the partition
+        assert all(0 < off < ends[p] for p, off in started_from.items()), (started_from, ends)
+    else:
+        assert all(off == 0 for off in started_from.values()), started_from
+    stable.restore_records.clear()
+    rig.coordinator.act("r6", "abort")
+    wait_settled(rig, "r6", 0)
+    deadline = time.monotonic() + 10
+    while set(stable.restore_records) < moved and time.monotonic() < deadline:
+        time.sleep(0.05)  # the grant reached the coordinator; the member restores next
+    assert set(stable.restore_records) == moved
+    for p in moved:
+        # Cold, a restore would read the partition's whole changelog (ends[p] records).
+        assert stable.restore_records[p] * 4 < ends[p], (p, stable.restore_records, ends)
+    rig.produce(500)
+    assert rig.wait_caught_up()
+    assert_state_agrees(rig)
 
 
 def test_crashed_member_state_is_rebuilt_from_the_last_checkpoint(rig: StatefulRig) -> None:
@@ -105,10 +173,7 @@ def test_crashed_member_state_is_rebuilt_from_the_last_checkpoint(rig: StatefulR
     rig.crash(victim)  # no final checkpoint or commit: the survivor rebuilds from the changelog
     rig.produce(1000)
     assert rig.wait_caught_up(timeout=40)
-    rig.stop_all()
-    mismatches, agree = rig.check_state()
-    assert mismatches == 0
-    assert all(t == c for t, c in agree.values()), agree
+    assert_state_agrees(rig)
 
 
 def _formats(reads: set[int], writes: int) -> dict[str, Any]:
@@ -165,3 +230,55 @@ def test_migration_in_the_rollout_file_allows_rollback_with_state(rig: StatefulR
     rig.stop_all()
     mismatches, _ = rig.check_state(migrations={2: total_v2_to_v1})
     assert mismatches == 0
+
+
+def test_a_tail_seeded_at_a_marker_reads_only_what_follows(
+    kafka_backend: Any, kafka_topic_factory: Any
+) -> None:
+    # The state a member kept when it released a partition, plus the changelog after its last
+    # marker, is the state a reader from the partition's start gets.
+    from confluent_kafka import Producer
+
+    from pubsub_canary.client.state import (
+        ChangelogReader,
+        ChangelogWriter,
+        PartitionState,
+        Seed,
+        StateFormats,
+    )
+
+    topic = kafka_topic_factory(partitions=1, suffix="changelog")
+    boot = kafka_backend.bootstrap_servers
+    writer = ChangelogWriter(Producer({"bootstrap.servers": boot}), topic, StateFormats())
+    mine = PartitionState(0)
+    for i in range(300):  # the old owner: 3 batches
+        mine[f"k{i % 40}"] = i
+        mine.message_done()
+        if i % 100 == 99:
+            writer.checkpoint(0, 1, i + 1, mine)
+            writer.flush()
+    assert mine.is_clean()
+    through, marker = writer.last_marker[0]
+    assert through == 300
+    kept = mine.snapshot()
+    theirs = PartitionState(0, dict(kept))  # the next owner goes on from the same state
+    for i in range(300, 360):
+        theirs[f"k{i % 70}"] = i
+        theirs.message_done()
+        if i % 20 == 19:
+            writer.checkpoint(0, 2, i + 1, theirs)
+            writer.flush()
+    del theirs["k3"]
+    writer.checkpoint(0, 2, 361, theirs)
+    writer.flush()
+
+    reader = ChangelogReader({"bootstrap.servers": boot, "group.id": "seed"}, topic, StateFormats())
+    full = reader.restore(0)
+    tail = reader.tail(0, Seed(kept, through, marker))
+    try:
+        seeded = tail.catch_up()
+    finally:
+        tail.close()
+    assert seeded.data == full.data == theirs.snapshot()
+    assert seeded.through == full.through == 361
+    assert seeded.records == full.records - (marker + 1)

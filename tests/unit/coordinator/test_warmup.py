@@ -107,3 +107,63 @@ def test_stateless_groups_never_wait(clock: FakeClock) -> None:
     c.tick()
     assert len(revoking(c)) == 3
     assert view_units(c, "c1", "warming") == set()
+    assert view_units(c, "s1", "standby") == set()  # no state to keep warm for a rollback
+
+
+def _move_to_canary(c: Coordinator) -> set[int]:
+    """Apply the rollout and let the canary warm up and take its 3 units."""
+    c.apply_rollout(spec())
+    c.tick()
+    moving = view_units(c, "c1", "warming")
+    c.heartbeat("c1", warm=dict.fromkeys(moving, 0))
+    c.tick()
+    for u in moving:
+        s = c.groups[KEY].units[u]
+        assert s.owner is not None
+        c.release(s.owner, [(u, s.epoch, 100)])
+    c.tick()
+    assert {u for u, s in c.groups[KEY].units.items() if s.owner == "c1"} == moving
+    return moving
+
+
+def test_stable_keeps_the_canarys_units_warm_for_a_rollback(clock: FakeClock) -> None:
+    from pubsub_canary.coordinator.store import MemoryStore
+
+    c = _coordinator(MemoryStore(), clock)
+    reg(c, "s1", "stable", STATEFUL)
+    reg(c, "s2", "stable", STATEFUL)
+    reg(c, "c1", "canary", STATEFUL)
+    c.tick()
+    assert view_units(c, "s1", "standby") | view_units(c, "s2", "standby") == set()
+    moving = _move_to_canary(c)
+    standby = {mid: view_units(c, mid, "standby") for mid in ("s1", "s2")}
+    # Every canary unit has exactly one standby, and no member stands by for its own units.
+    assert standby["s1"] | standby["s2"] == moving
+    assert standby["s1"].isdisjoint(standby["s2"])
+    assert view_units(c, "c1", "standby") == set()
+    # The rollback gives each unit to the member that kept it warm.
+    c.act("r1", "abort")
+    c.tick()
+    for mid in ("s1", "s2"):
+        assert view_units(c, mid, "standby") == set()
+        assert {u for u, t in c.groups[KEY].target.items() if t == mid} >= standby[mid]
+
+
+def test_no_standby_once_the_rollout_is_over(clock: FakeClock) -> None:
+    from pubsub_canary.coordinator.store import MemoryStore
+
+    s = _coordinator(MemoryStore(), clock)
+    reg(s, "s1", "stable", STATEFUL)
+    reg(s, "c1", "canary", STATEFUL)
+    s.tick()
+    moving = _move_to_canary(s)
+    assert view_units(s, "s1", "standby") == moving
+    s.act("r1", "abort")
+    s.tick()
+    for u in moving:
+        st = s.groups[KEY].units[u]
+        s.release("c1", [(u, st.epoch, 200)])
+    s.tick()
+    assert not s.rollouts["r1"].active  # aborted: nothing left to roll back
+    assert view_units(s, "s1", "standby") == set()
+    assert view_units(s, "s1", "owned") == set(range(12))
