@@ -15,6 +15,13 @@ last marker's offset, and the new owner starts there: state and offsets agree (I
 State values are JSON. Each record carries the writer's state format version; a reader applies
 a migration for a format it cannot read, and the coordinator refuses a rollout whose stable
 version could not read what the canary writes (checked before any partition moves).
+
+**Record encoding.** A key's record carries its stamps in a short value prefix,
+``<format>,<epoch>;<JSON value>``, and no headers: 27 bytes for a 12-byte key and a small value
+instead of 66 with three headers, so restores read and decode less. Records that cannot carry
+a prefix carry headers instead: a deletion (its value must stay null for compaction) has
+``pc.epoch`` and ``pc.format``, and the marker has those and ``pc.through``. Readers also take
+records stamped with headers only (the encoding before the prefix).
 """
 
 from __future__ import annotations
@@ -149,28 +156,36 @@ class ChangelogWriter:
 
     def checkpoint(self, partition: int, epoch: int, through: int, state: PartitionState) -> None:
         """Queue the changed keys of ``state`` and a marker saying it reflects ``< through``."""
-        headers = [
-            (H_EPOCH, str(epoch).encode()),
-            (H_THROUGH, str(through).encode()),
-            (H_FORMAT, str(self.formats.writes).encode()),
-        ]
+        fmt = self.formats.writes
+        stamps = [(H_EPOCH, str(epoch).encode()), (H_FORMAT, str(fmt).encode())]
+        prefix = stamp_prefix(fmt, epoch)
+        produce = self.producer.produce
         for key, value in state.take_dirty():
-            self.producer.produce(
-                self.topic,
-                key=key.encode(),
-                value=None if value is None else json.dumps(value).encode(),
-                partition=partition,
-                headers=headers,
-                on_delivery=self._delivered,
-            )
+            if value is None:  # a deletion stays a null value (compaction drops the key)
+                produce(
+                    self.topic,
+                    key=key.encode(),
+                    value=None,
+                    partition=partition,
+                    headers=stamps,
+                    on_delivery=self._delivered,
+                )
+            else:
+                produce(
+                    self.topic,
+                    key=key.encode(),
+                    value=prefix + json.dumps(value).encode(),
+                    partition=partition,
+                    on_delivery=self._delivered,
+                )
             if len(self.producer) > 50_000:
                 self.producer.poll(0)
-        self.producer.produce(
+        produce(
             self.topic,
             key=MARKER_KEY,
             value=str(through).encode(),
             partition=partition,
-            headers=headers,
+            headers=[*stamps, (H_THROUGH, str(through).encode())],
             on_delivery=self._delivered,
         )
 
@@ -202,6 +217,30 @@ def _header(headers: list[tuple[str, bytes]] | None, name: str) -> bytes | None:
         if k == name:
             return v
     return None
+
+
+def stamp_prefix(fmt: int, epoch: int) -> bytes:
+    """The value prefix of a changelog record: ``<format>,<epoch>;``."""
+    return f"{fmt},{epoch};".encode()
+
+
+def decode_record(
+    value: bytes | None, headers: list[tuple[str, bytes]] | None
+) -> tuple[int, int, bytes | None]:
+    """A key's changelog record as (epoch, format, JSON value or None for a deletion)."""
+    if headers:  # a deletion, or a record of the encoding before the value prefix
+        epoch = int(_header(headers, H_EPOCH) or b"0")
+        return epoch, int(_header(headers, H_FORMAT) or b"1"), value
+    if value is None:
+        return 0, 1, None
+    end = value.find(b";")
+    fmt, _, epoch = value[:end].partition(b",")
+    if end < 0 or not fmt.isdigit() or not epoch.isdigit():
+        raise BrokerError(
+            f"a changelog record's value starts with {value[:20]!r}, not a "
+            "'<format>,<epoch>;' stamp: is another program writing to the changelog topic?"
+        )
+    return int(epoch), int(fmt), value[end + 1 :]
 
 
 class ChangelogReader:
@@ -339,10 +378,9 @@ class ChangelogTail:
             n += 1
             self.records += 1
             self.position = msg.offset() + 1
-            hdrs = msg.headers()
-            epoch = int(_header(hdrs, H_EPOCH) or b"0")
-            fmt = int(_header(hdrs, H_FORMAT) or b"1")
-            if msg.key() == MARKER_KEY:
+            key = msg.key()
+            if key == MARKER_KEY:
+                epoch = int(_header(msg.headers(), H_EPOCH) or b"0")
                 # A batch counts only when its marker arrives, and only the records its writer
                 # (same epoch) wrote: a crashed writer's partial batch is dropped.
                 for key, value, e, f in self._pending:
@@ -355,7 +393,8 @@ class ChangelogTail:
                 self._pending.clear()
                 self.through = int(msg.value())
             else:
-                self._pending.append((msg.key(), msg.value(), epoch, fmt))
+                epoch, fmt, value = decode_record(msg.value(), msg.headers())
+                self._pending.append((key, value, epoch, fmt))
         return n
 
     def catch_up(self, *, until: int | None = None, timeout: float = 60.0) -> Restored:

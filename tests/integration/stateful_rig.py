@@ -28,6 +28,7 @@ from pubsub_canary.client.state import (
     MARKER_KEY,
     ChangelogReader,
     StateFormats,
+    decode_record,
 )
 from pubsub_canary.client.stateful import StatefulKafkaMember
 from pubsub_canary.client.transport import MemoryTransport
@@ -353,13 +354,17 @@ class StatefulRig:
                     if m.error() is not None:
                         continue
                     h = dict(m.headers() or [])
+                    if m.key() == MARKER_KEY:
+                        epoch, value = int(h.get(H_EPOCH, b"0")), m.value()
+                    else:
+                        epoch, _, value = decode_record(m.value(), m.headers())
                     out.append(
                         (
                             m.offset(),
                             (m.key() or b"").decode(),
-                            int(h.get(H_EPOCH, b"0")),
+                            epoch,
                             int(h.get(H_THROUGH, b"-1")),
-                            (m.value() or b"").decode(),
+                            (value or b"").decode(),
                         )
                     )
             return out

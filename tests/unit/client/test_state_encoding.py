@@ -1,0 +1,71 @@
+"""The changelog's record encoding: stamps in a value prefix, headers only where needed."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from pubsub_canary.client.state import (
+    H_EPOCH,
+    H_FORMAT,
+    H_THROUGH,
+    MARKER_KEY,
+    ChangelogWriter,
+    PartitionState,
+    StateFormats,
+    decode_record,
+    stamp_prefix,
+)
+from pubsub_canary.errors import BrokerError
+
+
+class CapturingProducer:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    def produce(self, topic: str, **kw: Any) -> None:
+        self.sent.append(kw)
+
+    def __len__(self) -> int:
+        return 0
+
+
+def test_a_checkpoint_puts_stamps_in_the_value_and_headers_only_where_it_must() -> None:
+    producer = CapturingProducer()
+    w = ChangelogWriter(producer, "totals.changelog", StateFormats(writes=2, reads=frozenset({2})))
+    state = PartitionState(3, {"gone": 1})
+    state["user-0000001"] = {"total": 17}
+    del state["gone"]
+    state.message_done()
+    w.checkpoint(3, epoch=41, through=1200, state=state)
+    by_key = {r["key"]: r for r in producer.sent}
+    put, deleted, marker = by_key[b"user-0000001"], by_key[b"gone"], by_key[MARKER_KEY]
+    assert put["value"] == b'2,41;{"total": 17}'
+    assert "headers" not in put  # 44 bytes a record saved
+    assert deleted["value"] is None  # a tombstone, so compaction drops the key
+    assert dict(deleted["headers"]) == {H_EPOCH: b"41", H_FORMAT: b"2"}
+    assert dict(marker["headers"]) == {H_EPOCH: b"41", H_FORMAT: b"2", H_THROUGH: b"1200"}
+    assert producer.sent[-1]["key"] == MARKER_KEY  # the marker closes the batch
+    assert all(r["partition"] == 3 for r in producer.sent)
+
+
+@pytest.mark.parametrize("value", [0, -3, "x;y,z", {"a": [1, 2]}, None])
+def test_what_the_writer_stamps_the_reader_decodes(value: Any) -> None:
+    raw = None if value is None else stamp_prefix(7, 123456) + json.dumps(value).encode()
+    headers = [(H_EPOCH, b"123456"), (H_FORMAT, b"7")] if value is None else None
+    epoch, fmt, payload = decode_record(raw, headers)
+    assert (epoch, fmt) == (123456, 7)
+    assert (None if payload is None else json.loads(payload)) == value
+
+
+def test_records_stamped_with_headers_only_are_still_read() -> None:
+    headers = [(H_EPOCH, b"9"), (H_THROUGH, b"50"), (H_FORMAT, b"1")]
+    assert decode_record(b"17", headers) == (9, 1, b"17")
+
+
+@pytest.mark.parametrize("raw", [b"17", b'{"a": 1}', b"x,1;2", b"1,;2"])
+def test_a_value_without_a_stamp_is_refused_with_what_it_starts_with(raw: bytes) -> None:
+    with pytest.raises(BrokerError, match="not a '<format>,<epoch>;' stamp"):
+        decode_record(raw, None)
