@@ -69,3 +69,12 @@ def test_records_stamped_with_headers_only_are_still_read() -> None:
 def test_a_value_without_a_stamp_is_refused_with_what_it_starts_with(raw: bytes) -> None:
     with pytest.raises(BrokerError, match="not a '<format>,<epoch>;' stamp"):
         decode_record(raw, None)
+
+
+def test_changes_reach_the_changelog_in_the_order_they_were_made() -> None:
+    state = PartitionState(0)
+    for k in ["k9", "k1", "k5", "k1", "k0"]:
+        state[k] = 1
+    del state["k5"]
+    assert state.take_dirty() == [("k9", 1), ("k1", 1), ("k5", None), ("k0", 1)]
+    assert state.take_dirty() == []
