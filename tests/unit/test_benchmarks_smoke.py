@@ -61,3 +61,14 @@ def test_overhead_benchmark_reports_its_figures() -> None:
     assert isinstance(figures["overhead_ratio"], float), figures
     assert figures["overhead_ratio"] > 0
     assert "handoff_p99_ms" not in figures
+
+
+def test_state_handoff_benchmark_reports_gaps_by_state_size() -> None:
+    figures = run_script(
+        "state_handoff.py",
+        *("--sizes", "2000", "--handoffs", "2", "--dwell", "0.2", "--rate", "50"),
+    )
+    gaps = figures["handoff_gap_p99_ms"]
+    assert isinstance(gaps, dict) and isinstance(gaps["2000"], float), figures
+    assert figures["handoffs"] == {"2000": 2}, figures
+    assert isinstance(figures["cold_restore_ms"]["2000"], float), figures
