@@ -36,7 +36,10 @@ def render_status(s: dict[str, Any]) -> str:
     lines.append("  members:")
     for m in s["members"]:
         units = ",".join(str(u) for u in m["units"]) or "idle"
-        lines.append(f"    {m['member_id']:<22} {m['cohort']:<7} v{m['version']:<8} units {units}")
+        line = f"    {m['member_id']:<22} {m['cohort']:<7} v{m['version']:<8} units {units}"
+        if m.get("standby"):  # kept warm for a rollback (stateful groups)
+            line += "  standby " + ",".join(str(u) for u in m["standby"])
+        lines.append(line)
     j = s.get("judgement")
     if j:
         lines.append(f"  analysis: {j['verdict']} - {j['reason']}")

@@ -63,17 +63,26 @@ def rollout_status(c: Coordinator, r: RolloutRecord) -> dict[str, Any]:
     cohort_of = {m.record.member_id: m.record.cohort for m in members}
     units: dict[str, Any] = {}
     per_member: dict[str, list[int]] = {m.record.member_id: [] for m in members}
+    standing_by: dict[str, list[int]] = {m.record.member_id: [] for m in members}
     if g is not None:
         for u, s in sorted(g.units.items()):
+            # Stateful groups: the stable member keeping the unit's state warm for a rollback,
+            # and how many changelog records it still has to read.
+            standby = g.standby.get(u)
+            keeper = c.members.get(standby or "")
             units[str(u)] = {
                 "owner": s.owner,
                 "cohort": cohort_of.get(s.owner or ""),
                 "epoch": s.epoch,
                 "status": s.status.value,
                 "lag": (g.offsets[u][1] - g.offsets[u][0]) if u in g.offsets else None,
+                "standby": standby,
+                "standby_behind": keeper.warm.get(u) if keeper is not None else None,
             }
             if s.owner in per_member:
                 per_member[s.owner].append(u)
+            if standby in standing_by:
+                standing_by[standby].append(u)
     stable, canary = c.cohort_observations(r)
     out.update(
         {
@@ -86,6 +95,7 @@ def rollout_status(c: Coordinator, r: RolloutRecord) -> dict[str, Any]:
                     "version": m.record.version,
                     "leaving": m.record.leaving,
                     "units": per_member[m.record.member_id],
+                    "standby": standing_by[m.record.member_id],
                     "lease_left_seconds": round(m.lease_expires - c.clock.monotonic(), 2),
                 }
                 for m in sorted(members, key=lambda m: (m.record.cohort, m.record.member_id))

@@ -141,6 +141,22 @@ def test_stable_keeps_the_canarys_units_warm_for_a_rollback(clock: FakeClock) ->
     assert standby["s1"] | standby["s2"] == moving
     assert standby["s1"].isdisjoint(standby["s2"])
     assert view_units(c, "c1", "standby") == set()
+    # Operators see it in the status: who stands by for which unit, and how far behind.
+    keeper = "s1" if standby["s1"] else "s2"
+    c.heartbeat(keeper, warm=dict.fromkeys(standby[keeper], 7))
+    status = c.status("r1")
+    assert {int(u) for u, x in status["units"].items() if x["standby"] is not None} == moving
+    for u in standby[keeper]:
+        assert status["units"][str(u)]["standby"] == keeper
+        assert status["units"][str(u)]["standby_behind"] == 7
+    by_member = {m["member_id"]: set(m["standby"]) for m in status["members"]}
+    assert by_member == {**standby, "c1": set()}
+    from pubsub_canary.render import render_status
+
+    text = render_status(status)
+    for mid in ("s1", "s2"):
+        if standby[mid]:
+            assert "standby " + ",".join(str(u) for u in sorted(standby[mid])) in text, text
     # The rollback gives each unit to the member that kept it warm.
     c.act("r1", "abort")
     c.tick()
