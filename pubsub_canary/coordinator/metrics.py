@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from pubsub_canary.coordinator.records import RolloutRecord
 from pubsub_canary.core.machine import Phase
 from pubsub_canary.core.observations import LATENCY_BUCKETS, LatencyHistogram, Verdict
 
@@ -110,8 +111,16 @@ class CoordinatorCollector(Collector):
             labels=["group", "cohort"],
         )
         with c._lock:
+            # Active rollouts, and each group's latest finished one (however it ended), so the
+            # last outcome stays visible and the series do not grow with every rollout ever run.
+            latest: dict[str, RolloutRecord] = {}
             for r in c.rollouts.values():
-                if not r.active and r.state.phase not in (Phase.PROMOTED, Phase.ROLLED_BACK):
+                if not r.active:
+                    seen = latest.get(r.group_key)
+                    if seen is None or (r.updated_at, r.name) > (seen.updated_at, seen.name):
+                        latest[r.group_key] = r
+            for r in c.rollouts.values():
+                if not r.active and latest.get(r.group_key) is not r:
                     continue
                 for p in Phase:
                     phase.add_metric(

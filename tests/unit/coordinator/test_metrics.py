@@ -75,3 +75,36 @@ def test_member_leases() -> None:
     text = scrape()
     left = value(text, f'pubsub_canary_member_lease_remaining_seconds{{cohort="canary",{G}}}')
     assert 0 < left <= 6.0
+
+
+def test_finished_rollouts_leave_the_phase_series_but_the_latest_stays() -> None:
+    c = Coordinator(MemoryStore(), MemoryBroker({"orders": 4}), lease_seconds=6.0)
+    registry = build_registry(c)
+    c.register(
+        transport="kafka",
+        topic="orders",
+        group_id="g",
+        units=4,
+        cohort="stable",
+        version="1",
+        member_id="s1",
+    )
+    c.tick()
+    for i in range(3):  # three rollouts of the same group, each aborted before the next
+        c.apply_rollout(
+            parse_rollout_spec(
+                {
+                    "name": f"r{i}",
+                    "target": {"topic": "orders", "group": "g"},
+                    "stable_version": "1",
+                    "canary_version": "2",
+                    "steps": [{"share": 50, "hold_seconds": 100}],
+                }
+            )
+        )
+        c.act(f"r{i}", "abort")
+        c.tick()
+    text = generate_latest(registry).decode()
+    phases = [ln for ln in text.splitlines() if ln.startswith("pubsub_canary_rollout_phase{")]
+    assert {ln.split('rollout="')[1].split('"')[0] for ln in phases} == {"r2"}
+    assert value(text, f'pubsub_canary_rollout_phase{{{G},phase="aborted",rollout="r2"}}') == 1
