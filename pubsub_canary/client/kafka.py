@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
+from pubsub_canary.client.member import Handler, Member
 from pubsub_canary.client.processing import (
     MetricsAccumulator,
     Outcome,
@@ -30,12 +28,10 @@ from pubsub_canary.client.processing import (
     run_handler,
 )
 from pubsub_canary.client.session import MemberSession, UnitGrant
-from pubsub_canary.client.transport import CoordinatorTransport, HttpTransport
+from pubsub_canary.client.transport import CoordinatorTransport
 from pubsub_canary.errors import BrokerError, CanaryError, ConfigError
 
 log = logging.getLogger("pubsub_canary.member.kafka")
-
-Handler = Callable[[Record], object]
 
 #: Keys the member must set itself; a user's value for them is refused.
 FORCED = {
@@ -45,7 +41,7 @@ FORCED = {
 }
 
 
-class KafkaMember:
+class KafkaMember(Member):
     """A consumer-group member under the coordinator's control.
 
     Args:
@@ -80,26 +76,27 @@ class KafkaMember:
         batch_size: int = 200,
         long_poll_seconds: float = 1.0,
     ) -> None:
-        if cohort not in ("stable", "canary"):
-            raise ConfigError(f"cohort {cohort!r} is not one of stable, canary", field="cohort")
+        super().__init__(
+            handler,
+            coordinator=coordinator,
+            cohort=cohort,
+            version=version,
+            retry=retry,
+            member_id=member_id,
+            long_poll_seconds=long_poll_seconds,
+            metrics=MetricsAccumulator(),
+        )
         for k in FORCED:
             if consumer_config and k in consumer_config:
                 raise ConfigError(
                     f"consumer_config may not set {k!r}: the member manages commits itself",
                     field=k,
                 )
-        self.handler = handler
         self.topic = topic
         self.group_id = group_id
-        self.cohort = cohort
-        self.version = version
         self.dlq_topic = dead_letter_topic or f"{topic}.dlq"
-        self.retry = retry or RetryPolicy()
         self.commit_interval = commit_interval_seconds
         self.batch_size = batch_size
-        self._transport = (
-            HttpTransport(coordinator) if isinstance(coordinator, str) else coordinator
-        )
         self._consumer_config = {
             "bootstrap.servers": bootstrap_servers,
             "group.id": group_id,
@@ -117,10 +114,6 @@ class KafkaMember:
             "linger.ms": 5,
             **(producer_config or {}),
         }
-        self._member_id = member_id
-        self._long_poll = long_poll_seconds
-        self.metrics = MetricsAccumulator()
-        self.session: MemberSession | None = None
         self._consumer: Any = None
         self._producer: Any = None
         self._held: dict[int, UnitGrant] = {}  # partitions assigned to the consumer
@@ -131,43 +124,15 @@ class KafkaMember:
         self._released: set[tuple[int, int]] = set()
         self._redeliver: dict[int, int] = {}  # unit -> offset below which a crash re-delivers
         self._seen_generation = -1
-        self._stopping = threading.Event()
         self._dlq_failed: str | None = None
         self._last_commit = 0.0
         self._last_report = 0.0
-        #: Called after each processed message: (record, outcome, dead_lettered). For ledgers.
-        self.on_processed: Callable[[Record, Outcome, bool], None] | None = None
 
     # --- public -------------------------------------------------------------------------------
-
-    def report_kpi(self, name: str, value: float) -> None:
-        """Report a custom signal (for example an RL policy's reward) for this cohort."""
-        self.metrics.kpi(name, float(value))
-
-    def stop(self) -> None:
-        """Ask :meth:`run` to hand its partitions back and return."""
-        self._stopping.set()
-
-    @property
-    def member_id(self) -> str | None:
-        return self.session.member_id if self.session else self._member_id
 
     @property
     def partitions(self) -> list[int]:
         return sorted(self._held)
-
-    def run(self, *, install_signal_handlers: bool = True, shutdown_timeout: float = 15.0) -> None:
-        """Process granted partitions until :meth:`stop` (or SIGTERM/SIGINT) is called."""
-        if install_signal_handlers and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.stop())
-        self._open()
-        try:
-            while not self._stopping.is_set():
-                self._step()
-            self._shutdown(shutdown_timeout)
-        finally:
-            self._close()
 
     # --- the loop -----------------------------------------------------------------------------
 

@@ -28,7 +28,6 @@ import contextlib
 import logging
 import os
 import queue
-import signal
 import threading
 import time
 import zlib
@@ -37,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pubsub_canary.client.member import Handler, Member
 from pubsub_canary.client.processing import (
     MetricsAccumulator,
     Outcome,
@@ -72,12 +72,10 @@ from pubsub_canary.client.routing import (
     stable_pulls_canary,
 )
 from pubsub_canary.client.session import MemberSession
-from pubsub_canary.client.transport import CoordinatorTransport, HttpTransport
+from pubsub_canary.client.transport import CoordinatorTransport
 from pubsub_canary.errors import BrokerError, CanaryError, ConfigError
 
 log = logging.getLogger("pubsub_canary.member.pubsub")
-
-Handler = Callable[[Record], object]
 
 #: Ack deadline of the canary-route subscriptions: a dead puller's messages come back this soon.
 ROUTE_ACK_DEADLINE = 10
@@ -153,7 +151,7 @@ class _Msg:
     began: float = field(default=0.0)
 
 
-class PubSubMember:
+class PubSubMember(Member):
     """A member of a Pub/Sub subscription's stable or canary cohort.
 
     Args:
@@ -200,18 +198,23 @@ class PubSubMember:
         long_poll_seconds: float = 1.0,
         publisher_options: dict[str, Any] | None = None,
     ) -> None:
-        if cohort not in ("stable", "canary"):
-            raise ConfigError(f"cohort {cohort!r} is not one of stable, canary", field="cohort")
+        super().__init__(
+            handler,
+            coordinator=coordinator,
+            cohort=cohort,
+            version=version,
+            retry=retry,
+            member_id=member_id,
+            long_poll_seconds=long_poll_seconds,
+            metrics=_Metrics(),
+        )
+        self.metrics: _Metrics
         if buckets < 1:
             raise ConfigError(f"buckets must be >= 1, got {buckets}", field="buckets")
         if lanes < 1 or pull_batch < 1:
             raise ConfigError("lanes and pull_batch must be >= 1", field="lanes")
-        self.handler = handler
-        self.cohort = cohort
-        self.version = version
         self.routing_attribute = routing_attribute
         self.buckets = buckets
-        self.retry = retry or RetryPolicy()
         self.max_outstanding = max_outstanding
         self.pull_batch = pull_batch
         self.pull_timeout = pull_timeout_seconds
@@ -221,12 +224,8 @@ class PubSubMember:
         self._dead_letter_arg = dead_letter_topic
         self._lanes_n = lanes
         self._publisher_options = publisher_options or {}
-        self._inner = HttpTransport(coordinator) if isinstance(coordinator, str) else coordinator
+        self._inner = self._transport
         self._transport = _RouteCapture(self._inner)
-        self._member_id = member_id
-        self._long_poll = long_poll_seconds
-        self.metrics = _Metrics()
-        self.session: MemberSession | None = None
         #: Set by :meth:`_open` from the subscription.
         self.project = ""
         self.subscription_id = ""
@@ -265,26 +264,10 @@ class PubSubMember:
         self._seen_generation = -1
         self.order_risks = 0
         self.policy_dead_letters = 0
-        self._stopping = threading.Event()
         self._leaving = False
         self._closing = threading.Event()
-        #: Called after each processed message, before its ack: (record, outcome, dead). For
-        #: ledgers.
-        self.on_processed: Callable[[Record, Outcome, bool], None] | None = None
 
     # --- public -------------------------------------------------------------------------------
-
-    def report_kpi(self, name: str, value: float) -> None:
-        """Report a custom signal (for example an RL policy's reward) for this cohort."""
-        self.metrics.kpi(name, float(value))
-
-    def stop(self) -> None:
-        """Ask :meth:`run` to hand its work back and return."""
-        self._stopping.set()
-
-    @property
-    def member_id(self) -> str | None:
-        return self.session.member_id if self.session else self._member_id
 
     @property
     def route(self) -> Route | None:
@@ -300,19 +283,6 @@ class PubSubMember:
         out["order_risks"] = self.order_risks
         out["policy_dead_letters"] = self.policy_dead_letters
         return out
-
-    def run(self, *, install_signal_handlers: bool = True, shutdown_timeout: float = 15.0) -> None:
-        """Process messages until :meth:`stop` (or SIGTERM/SIGINT) is called."""
-        if install_signal_handlers and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.stop())
-        self._open()
-        try:
-            while not self._stopping.is_set():
-                self._step()
-            self._shutdown(shutdown_timeout)
-        finally:
-            self._close()
 
     # --- setup --------------------------------------------------------------------------------
 
