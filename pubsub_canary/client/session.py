@@ -22,6 +22,10 @@ from pubsub_canary.wire import obs_to_dict
 
 log = logging.getLogger("pubsub_canary.member")
 
+#: The long poll while a unit is warming up: its progress reaches the coordinator this often,
+#: so a move waits for the warm-up itself rather than for the next heartbeat.
+WARMING_POLL_SECONDS = 0.1
+
 
 @dataclass(frozen=True)
 class UnitGrant:
@@ -122,7 +126,7 @@ class MemberSession:
         backoff = 0.05
         while not self._stop.is_set():
             try:
-                self.heartbeat_once(wait=self.long_poll_seconds)
+                self.heartbeat_once(wait=self._poll_wait())
                 backoff = 0.05
             except LeaseExpired as exc:
                 log.warning("%s; registering again", exc.message)
@@ -137,6 +141,13 @@ class MemberSession:
                 log.warning("heartbeat failed: %s", exc.message)
                 self._stop.wait(backoff)
                 backoff = min(1.0, backoff * 2)
+
+    def _poll_wait(self) -> float:
+        with self._lock:
+            warming = any(g.status == "warming" for g in self._view.values())
+        return (
+            min(self.long_poll_seconds, WARMING_POLL_SECONDS) if warming else self.long_poll_seconds
+        )
 
     def heartbeat_once(self, wait: float = 0.0) -> None:
         assert self.member_id is not None
