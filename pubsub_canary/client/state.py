@@ -367,11 +367,23 @@ class ChangelogTail:
         return max(0, self.high_watermark(max_age=0.2) - self.position)
 
     def poll(self, timeout: float = 0.2) -> int:
-        """Read what is there (up to 10,000 records); returns how many were read."""
+        """Wait up to ``timeout`` for a record, then read what is there (up to 10,000).
+
+        Returns how many records were read. ``consume()`` alone would wait the whole timeout
+        unless 10,000 records came: a marker the grant waits for would be up to ``timeout``
+        late.
+        """
         from confluent_kafka import KafkaError
 
+        if self.position + 10_000 <= self._high:  # far behind: full batches come at once
+            batch = self._c.consume(num_messages=10_000, timeout=timeout)
+        else:
+            first = self._c.poll(timeout)
+            if first is None:
+                return 0
+            batch = [first, *self._c.consume(num_messages=9_999, timeout=0)]
         n = 0
-        for msg in self._c.consume(num_messages=10_000, timeout=timeout):
+        for msg in batch:
             err = msg.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:

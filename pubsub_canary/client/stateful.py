@@ -39,6 +39,8 @@ StatefulHandler = Callable[[Record, PartitionState], object]
 
 #: How long the state of a released partition is kept for a standby warm-up that may follow.
 RETIRED_SECONDS = 30.0
+#: A warm-up's longest wait for the next record: a grant that stops it waits at most this.
+WARMER_POLL_SECONDS = 0.02
 
 
 class StatefulKafkaMember(KafkaMember):
@@ -228,7 +230,8 @@ class Warmer:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self.tail.poll(0.1)
+                # Short, so that a grant stopping the warm-up waits at most this long.
+                self.tail.poll(WARMER_POLL_SECONDS)
                 self.session.report_warm(self.tail.partition, self.tail.behind())
         except Exception as exc:  # the grant reads the partition from the start instead
             self.failed = str(exc)
