@@ -52,6 +52,20 @@ def _add_coordinator(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         default=os.environ.get("PUBSUB_CANARY_KAFKA_BOOTSTRAP"),
         help="Kafka brokers, to check topics and read lag (default $PUBSUB_CANARY_KAFKA_BOOTSTRAP)",
     )
+    p.add_argument(
+        "--kafka-config-file",
+        default=os.environ.get("PUBSUB_CANARY_KAFKA_CONFIG_FILE") or None,
+        help="Kafka client properties (key=value lines: security.protocol, sasl.*, ssl.*) for "
+        "the coordinator's Kafka clients (default $PUBSUB_CANARY_KAFKA_CONFIG_FILE)",
+    )
+    p.add_argument(
+        "--kafka-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one librdkafka setting for the coordinator's Kafka clients, after the file's; "
+        "repeat it. Keep passwords in the file: a command line is visible to other users",
+    )
     p.add_argument("--lease-seconds", type=float, default=6.0, help="member lease")
     p.add_argument(
         "--operator-token",
@@ -173,12 +187,16 @@ def _rollout(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "coordinator":
+        from pubsub_canary.coordinator.broker import parse_client_settings, read_client_config
         from pubsub_canary.coordinator.server import serve
 
+        kafka_config = read_client_config(args.kafka_config_file) if args.kafka_config_file else {}
+        kafka_config.update(parse_client_settings(args.kafka_config))
         return serve(
             listen=args.listen,
             store_url=args.store,
             bootstrap_servers=args.bootstrap_servers,
+            kafka_config=kafka_config,
             lease_seconds=args.lease_seconds,
             operator_token=args.operator_token,
             log_level="debug" if args.verbose else "info",

@@ -7,9 +7,10 @@ The port (:class:`BrokerPort`), its in-memory twin, and the Kafka adapter. The a
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any, Protocol
 
-from pubsub_canary.errors import BrokerError
+from pubsub_canary.errors import BrokerError, ConfigError
 
 
 class BrokerPort(Protocol):
@@ -41,15 +42,79 @@ class MemoryBroker:
         pass
 
 
+#: librdkafka settings the coordinator sets itself: its consumers only read offsets.
+OWN_SETTINGS = ("bootstrap.servers", "group.id", "enable.auto.commit")
+
+
+def read_client_config(path: str) -> dict[str, str]:
+    """A Kafka client properties file (``key=value`` lines, ``#`` comments), as librdkafka keys.
+
+    The usual place for ``security.protocol``, ``sasl.*`` and ``ssl.*`` settings: a file keeps a
+    password off the command line.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read Kafka client config {path!r}: {exc.strerror}", field="kafka_config_file"
+        ) from None
+    out: dict[str, str] = {}
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith(("#", "!")):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(
+                f"{path}:{n}: {line[:60]!r} is not key=value", field="kafka_config_file"
+            )
+        out[key.strip()] = value.strip()
+    return out
+
+
+def parse_client_settings(pairs: list[str]) -> dict[str, str]:
+    """``["key=value", ...]`` (repeated command-line options) as a dict."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(
+                f"--kafka-config {pair!r} is not KEY=VALUE (for example security.protocol=SSL)",
+                field="kafka_config",
+            )
+        out[key.strip()] = value.strip()
+    return out
+
+
 class KafkaBroker:
-    """The broker port on Kafka (confluent-kafka)."""
+    """The broker port on Kafka (confluent-kafka).
+
+    ``extra_config``: librdkafka settings for the coordinator's clients (security, timeouts);
+    :data:`OWN_SETTINGS` are refused, and an unknown or invalid setting is a ConfigError here
+    rather than at the first lag read.
+    """
 
     def __init__(self, bootstrap_servers: str, extra_config: dict[str, Any] | None = None) -> None:
+        from confluent_kafka import Consumer, KafkaException
+
+        own = sorted(set(extra_config or {}) & set(OWN_SETTINGS))
+        if own:
+            raise ConfigError(
+                f"the coordinator sets {', '.join(own)} itself; remove it from the Kafka client "
+                "config (use --bootstrap-servers for the brokers)",
+                field="kafka_config",
+            )
         self._config = {
             "bootstrap.servers": bootstrap_servers,
             "client.id": "pubsub-canary-coordinator",
             **(extra_config or {}),
         }
+        try:  # librdkafka checks every setting when a client is created
+            Consumer({**self._config, "group.id": "pubsub-canary-config-check"}).close()
+        except (KafkaException, ValueError, TypeError) as exc:
+            err = exc.args[0] if exc.args else None
+            detail = err.str() if hasattr(err, "str") else str(exc)
+            raise ConfigError(f"Kafka client config: {detail}", field="kafka_config") from None
         self._consumers: dict[str, Any] = {}
         self._lock = threading.Lock()
 

@@ -40,6 +40,7 @@ def serve(
     store_url: str,
     bootstrap_servers: str | None,
     lease_seconds: float,
+    kafka_config: dict[str, str] | None = None,
     operator_token: str | None = None,
     log_level: str = "info",
 ) -> int:
@@ -51,9 +52,14 @@ def serve(
     from pubsub_canary.coordinator.store import open_store
 
     host, port = parse_listen(listen)
+    if kafka_config and not bootstrap_servers:
+        raise ConfigError(
+            "a Kafka client config was given without --bootstrap-servers: name the brokers",
+            field="bootstrap_servers",
+        )
     check_port_free(host, port)
+    broker = KafkaBroker(bootstrap_servers, kafka_config) if bootstrap_servers else None
     store = open_store(store_url)
-    broker = KafkaBroker(bootstrap_servers) if bootstrap_servers else None
     coordinator = Coordinator(store, broker, lease_seconds=lease_seconds)
     app = create_app(coordinator, operator_token=operator_token)
     log.info(
