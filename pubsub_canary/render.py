@@ -14,6 +14,22 @@ def _secs(x: float | None) -> str:
     return "-" if x is None else f"{x * 1000:.1f}ms"
 
 
+def unit_ranges(units: list[int]) -> str:
+    """``[0, 1, 2, 3, 7, 9, 10]`` -> ``"0-3,7,9-10"`` (a Pub/Sub group has hundreds of units)."""
+    out: list[str] = []
+    run: list[int] = []
+    for u in sorted(units):
+        if run and u == run[-1] + 1:
+            run.append(u)
+            continue
+        if run:
+            out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+        run = [u]
+    if run:
+        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+    return ",".join(out)
+
+
 def render_status(s: dict[str, Any]) -> str:
     lines = [
         f"rollout {s['name']}  group {s['group']}",
@@ -35,10 +51,10 @@ def render_status(s: dict[str, Any]) -> str:
         )
     lines.append("  members:")
     for m in s["members"]:
-        units = ",".join(str(u) for u in m["units"]) or "idle"
+        units = unit_ranges(m["units"]) or "idle"
         line = f"    {m['member_id']:<22} {m['cohort']:<7} v{m['version']:<8} units {units}"
         if m.get("standby"):  # kept warm for a rollback (stateful groups)
-            line += "  standby " + ",".join(str(u) for u in m["standby"])
+            line += "  standby " + unit_ranges(m["standby"])
         lines.append(line)
     j = s.get("judgement")
     if j:

@@ -151,12 +151,12 @@ def test_stable_keeps_the_canarys_units_warm_for_a_rollback(clock: FakeClock) ->
         assert status["units"][str(u)]["standby_behind"] == 7
     by_member = {m["member_id"]: set(m["standby"]) for m in status["members"]}
     assert by_member == {**standby, "c1": set()}
-    from pubsub_canary.render import render_status
+    from pubsub_canary.render import render_status, unit_ranges
 
     text = render_status(status)
     for mid in ("s1", "s2"):
         if standby[mid]:
-            assert "standby " + ",".join(str(u) for u in sorted(standby[mid])) in text, text
+            assert "standby " + unit_ranges(sorted(standby[mid])) in text, text
     # The rollback gives each unit to the member that kept it warm.
     c.act("r1", "abort")
     c.tick()
