@@ -4,8 +4,8 @@
     python scripts/gen_rollout_reference.py --check   # exit 1 if the file is out of date
 
 Everything in the reference comes from ``pubsub_canary.core.model.rollout_json_schema()``: the
-fields, their types, defaults, limits and descriptions, and the models' docstrings. Where the
-schema has no description, :data:`FALLBACK` gives one; :data:`NOTES` adds what the schema cannot
+fields, their types, defaults, limits and descriptions (every field has one in the schema, so
+editors show them too), and the models' docstrings. :data:`NOTES` adds what the schema cannot
 say. ``tests/unit/test_rollout_reference.py`` checks that the committed file equals a fresh
 generation and that every path named here exists in the schema, so none of it can drift.
 """
@@ -22,25 +22,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "docs" / "rollout-reference.md"
-
-#: Descriptions for fields whose schema has none, by path.
-FALLBACK = {
-    "name": "unique name of the rollout; the CLI and the API address it by this name",
-    "canary_version": "the version the canary members run (what they register with)",
-    "stable_version": "the version the stable members run",
-    "strategy": "how the work moves; only a canary (share by steps) today",
-    "target.transport": "`kafka` (units are partitions) or `pubsub` (units are buckets)",
-    "slo.max_error_rate": "canary error rate (errors / processed) above which the step fails",
-    "slo.max_dead_letter_rate": "canary dead-letter rate above which the step fails",
-    "slo.max_p99_latency_seconds": "canary p99 processing latency above which the step fails",
-    "state_migrations[].from_format": "the state format the function reads",
-    "state_migrations[].to_format": "the state format it returns",
-    "steps": "the steps, in order; the rollout ends promoted after the last one passes",
-    "analysis.kpis": "custom metrics the members report with `report_kpi(name, value)`, "
-    "judged canary against stable",
-    "analysis.kpis.<name>.tolerance": "tolerated relative change, relative to |stable's mean|",
-    "analysis.latency.min_sample": "latency samples each cohort needs before a verdict",
-}
 
 #: What the schema cannot express, appended to a field's description, by path.
 NOTES = {
@@ -141,7 +122,7 @@ class Reference:
         self.schema = schema
         #: definition name -> (paths it appears at, in order); objects only.
         self.sections: dict[str, list[str]] = {}
-        #: every field path seen (for the checks of FALLBACK and NOTES).
+        #: every field path seen (for the check of NOTES).
         self.paths: set[str] = set()
 
     def describe_type(self, node: dict[str, Any], path: str) -> str:
@@ -194,7 +175,7 @@ class Reference:
         else:
             shown = "-"
         own = target.get("description", "").split("\n\n")[0]  # a section's first paragraph
-        text = node.get("description") or FALLBACK.get(path) or own
+        text = node.get("description") or own
         # A schema text like '<topic>.dlq' would read as an HTML tag in Markdown.
         parts = [re.sub(r"<(?=[A-Za-z/])", "&lt;", " ".join(text.split()))] if text else []
         if limits:

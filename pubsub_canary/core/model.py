@@ -33,7 +33,10 @@ class Target(BaseModel):
 
     model_config = _FROZEN
 
-    transport: Transport = Transport.KAFKA
+    transport: Transport = Field(
+        default=Transport.KAFKA,
+        description="`kafka` (units are partitions) or `pubsub` (units are buckets)",
+    )
     topic: str = Field(min_length=1, description="Kafka topic or Pub/Sub topic")
     group: str = Field(min_length=1, description="Kafka group.id or Pub/Sub subscription")
     dead_letter_topic: str | None = Field(
@@ -72,9 +75,18 @@ class SloGuards(BaseModel):
 
     model_config = _FROZEN
 
-    max_error_rate: float | None = Field(default=None, ge=0, le=1)
-    max_dead_letter_rate: float | None = Field(default=None, ge=0, le=1)
-    max_p99_latency_seconds: float | None = Field(default=None, gt=0)
+    max_error_rate: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="canary error rate (errors / processed) above which the step fails",
+    )
+    max_dead_letter_rate: float | None = Field(
+        default=None, ge=0, le=1, description="canary dead-letter rate above which the step fails"
+    )
+    max_p99_latency_seconds: float | None = Field(
+        default=None, gt=0, description="canary p99 processing latency above which the step fails"
+    )
     max_lag_growth: int | None = Field(
         default=None, ge=0, description="messages of lag the canary may add during a step"
     )
@@ -92,8 +104,8 @@ class StateMigration(BaseModel):
 
     model_config = _FROZEN
 
-    from_format: int = Field(ge=0)
-    to_format: int = Field(ge=0)
+    from_format: int = Field(ge=0, description="the state format the function reads")
+    to_format: int = Field(ge=0, description="the state format it returns")
     function: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="module:attr")
 
 
@@ -102,12 +114,27 @@ class RolloutSpec(BaseModel):
 
     model_config = _FROZEN
 
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="unique name of the rollout; the CLI and the API address it by this name",
+    )
     target: Target
-    strategy: Strategy = Strategy.CANARY
-    stable_version: str = Field(default="stable", min_length=1)
-    canary_version: str = Field(min_length=1)
-    steps: tuple[Step, ...] = Field(min_length=1)
+    strategy: Strategy = Field(
+        default=Strategy.CANARY,
+        description="how the work moves; only a canary (share by steps) today",
+    )
+    stable_version: str = Field(
+        default="stable", min_length=1, description="the version the stable members run"
+    )
+    canary_version: str = Field(
+        min_length=1, description="the version the canary members run (what they register with)"
+    )
+    steps: tuple[Step, ...] = Field(
+        min_length=1,
+        description="the steps, in order; the rollout ends promoted after the last one passes",
+    )
     slo: SloGuards = SloGuards()
     analysis: AnalysisPolicy = Field(default_factory=AnalysisPolicy)
     state_migrations: tuple[StateMigration, ...] = Field(

@@ -122,7 +122,9 @@ class LatencyPolicy(_LowerIsBetterPolicy):
         description="tolerated relative change of the quantile; the histogram resolves 25%",
     )
     absolute_tolerance: float = Field(default=0.0, ge=0, description="seconds")
-    min_sample: int = Field(default=200, ge=1)
+    min_sample: int = Field(
+        default=200, ge=1, description="latency samples each cohort needs before a verdict"
+    )
 
 
 class LagPolicy(_LowerIsBetterPolicy):
@@ -145,7 +147,12 @@ class KpiPolicy(MetricPolicy):
     makes the test exact; without it the test is asymptotic (uses the sample variance).
     """
 
-    tolerance: float = Field(default=0.05, ge=0, le=100)
+    tolerance: float = Field(
+        default=0.05,
+        ge=0,
+        le=100,
+        description="tolerated relative change, relative to |stable's mean|",
+    )
     bounds: tuple[float, float] | None = Field(
         default=None, description="[low, high] the KPI always lies in, if known"
     )
@@ -190,11 +197,23 @@ class AnalysisPolicy(BaseModel):
     max_extensions: int = Field(
         default=2, ge=0, le=100, description="hold extensions before pausing (with 'extend')"
     )
-    error_rate: RatePolicy | None = Field(default_factory=RatePolicy)
-    dead_letter_rate: RatePolicy | None = Field(default_factory=RatePolicy)
-    latency: LatencyPolicy | None = Field(default_factory=LatencyPolicy)
-    lag_growth: LagPolicy | None = Field(default_factory=LagPolicy)
-    kpis: dict[str, KpiPolicy] = Field(default_factory=dict)
+    error_rate: RatePolicy | None = Field(
+        default_factory=RatePolicy, description="share of messages that failed at least one attempt"
+    )
+    dead_letter_rate: RatePolicy | None = Field(
+        default_factory=RatePolicy, description="share of messages dead-lettered"
+    )
+    latency: LatencyPolicy | None = Field(
+        default_factory=LatencyPolicy, description="processing latency at a quantile"
+    )
+    lag_growth: LagPolicy | None = Field(
+        default_factory=LagPolicy, description="lag growth per produced message"
+    )
+    kpis: dict[str, KpiPolicy] = Field(
+        default_factory=dict,
+        description="custom metrics the members report with `report_kpi(name, value)`, "
+        "judged canary against stable",
+    )
 
     @field_validator("kpis")
     @classmethod
