@@ -51,7 +51,7 @@ def render_status(s: dict[str, Any]) -> str:
         )
     lines.append("  members:")
     for m in s["members"]:
-        units = unit_ranges(m["units"]) or "idle"
+        units = f"{unit_ranges(m['units'])} ({len(m['units'])})" if m["units"] else "idle"
         line = f"    {m['member_id']:<22} {m['cohort']:<7} v{m['version']:<8} units {units}"
         if m.get("standby"):  # kept warm for a rollback (stateful groups)
             line += "  standby " + unit_ranges(m["standby"])
