@@ -126,8 +126,13 @@ class Group:
         assert not thread.is_alive(), f"{name} did not stop"
 
     def close(self) -> None:
-        for name in list(self.members):
-            self.stop(name)
+        # All at once: each member's shutdown waits on its streaming pull for a second or two.
+        members = [self.members.pop(name) for name in list(self.members)]
+        for member, _ in members:
+            member.stop()
+        for member, thread in members:
+            thread.join(30)
+            assert not thread.is_alive(), f"{member.member_id} did not stop"
         self.coordinator.stop()
         self.publisher.stop()
 
