@@ -362,9 +362,9 @@ class ChangelogTail:
             self._high_at = now
         return self._high
 
-    def behind(self) -> int:
-        """Changelog records not read yet (refreshed at most every 0.2 s)."""
-        return max(0, self.high_watermark(max_age=0.2) - self.position)
+    def behind(self, max_age: float = 0.2) -> int:
+        """Changelog records not read yet (the end offset asked for at most every ``max_age``)."""
+        return max(0, self.high_watermark(max_age=max_age) - self.position)
 
     def poll(self, timeout: float = 0.2) -> int:
         """Wait up to ``timeout`` for a record, then read what is there (up to 10,000).

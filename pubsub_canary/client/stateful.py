@@ -41,6 +41,10 @@ StatefulHandler = Callable[[Record, PartitionState], object]
 RETIRED_SECONDS = 30.0
 #: A warm-up's longest wait for the next record: a grant that stops it waits at most this.
 WARMER_POLL_SECONDS = 0.02
+#: How often a warm-up asks the broker for the changelog's end, to report how far behind it
+#: is: often while a move waits for it, rarely for a standby (many per member, none urgent).
+WARMING_REFRESH_SECONDS = 0.2
+STANDBY_REFRESH_SECONDS = 2.0
 
 
 class StatefulKafkaMember(KafkaMember):
@@ -182,6 +186,9 @@ class StatefulKafkaMember(KafkaMember):
             self._reader.add_rollout_migrations(self.session.state_migrations)
         for u in sorted(wanted - set(self._warmers)):
             self._warmers[u] = Warmer(self._reader.tail(u, self._take_seed(u)), self.session)
+        for u, w in self._warmers.items():
+            standby = u in view and view[u].status == "standby"
+            w.refresh_seconds = STANDBY_REFRESH_SECONDS if standby else WARMING_REFRESH_SECONDS
         now = time.monotonic()
         for u, (_, since) in list(self._retired.items()):
             if now - since > RETIRED_SECONDS:
@@ -221,6 +228,8 @@ class Warmer:
         self.tail = tail
         self.session = session
         self.failed: str | None = None
+        #: How often to ask the broker for the changelog's end (set by the member).
+        self.refresh_seconds = WARMING_REFRESH_SECONDS
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"warm-{tail.partition}", daemon=True
@@ -232,7 +241,8 @@ class Warmer:
             while not self._stop.is_set():
                 # Short, so that a grant stopping the warm-up waits at most this long.
                 self.tail.poll(WARMER_POLL_SECONDS)
-                self.session.report_warm(self.tail.partition, self.tail.behind())
+                behind = self.tail.behind(max_age=self.refresh_seconds)
+                self.session.report_warm(self.tail.partition, behind)
         except Exception as exc:  # the grant reads the partition from the start instead
             self.failed = str(exc)
             log.warning("warming partition %s failed: %s", self.tail.partition, exc)
