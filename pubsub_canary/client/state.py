@@ -159,6 +159,8 @@ class ChangelogWriter:
 
     def checkpoint(self, partition: int, epoch: int, through: int, state: PartitionState) -> None:
         """Queue the changed keys of ``state`` and a marker saying it reflects ``< through``."""
+        # Until this batch's marker is delivered, no marker vouches for the state in memory.
+        self.last_marker.pop(partition, None)
         fmt = self.formats.writes
         stamps = [(H_EPOCH, str(epoch).encode()), (H_FORMAT, str(fmt).encode())]
         prefix = stamp_prefix(fmt, epoch)

@@ -78,3 +78,38 @@ def test_changes_reach_the_changelog_in_the_order_they_were_made() -> None:
     del state["k5"]
     assert state.take_dirty() == [("k9", 1), ("k1", 1), ("k5", None), ("k0", 1)]
     assert state.take_dirty() == []
+
+
+class FakeMsg:
+    def __init__(self, kw: dict[str, Any], offset: int) -> None:
+        self.kw, self._offset = kw, offset
+
+    def key(self) -> bytes:
+        return bytes(self.kw["key"])
+
+    def value(self) -> bytes | None:
+        return self.kw["value"]  # type: ignore[no-any-return]
+
+    def partition(self) -> int:
+        return int(self.kw["partition"])
+
+    def offset(self) -> int:
+        return self._offset
+
+
+def test_only_a_delivered_marker_vouches_for_the_state_in_memory() -> None:
+    # A member keeps a released partition's state for a standby only with the marker of its
+    # last batch on the broker: a batch whose marker never arrived leaves no marker to trust.
+    producer = CapturingProducer()
+    w = ChangelogWriter(producer, "c", StateFormats())
+    state = PartitionState(0)
+    state["k"] = 1
+    state.message_done()
+    w.checkpoint(0, epoch=1, through=10, state=state)
+    for i, kw in enumerate(producer.sent):  # the broker acknowledges the whole batch
+        w._delivered(None, FakeMsg(kw, 100 + i))
+    assert w.last_marker == {0: (10, 101)}
+    state["k"] = 2
+    state.message_done()
+    w.checkpoint(0, epoch=1, through=20, state=state)  # never acknowledged
+    assert 0 not in w.last_marker
