@@ -453,6 +453,7 @@ class KafkaMember(Member):
             raise BrokerError("writes not delivered within 30 s; not committing past them")
         if self._dlq_failed:
             raise BrokerError(f"a dead letter could not be written: {self._dlq_failed}")
+        self._after_flush()
         offsets = [TopicPartition(self.topic, p, self._next[p]) for p in parts]
         try:
             self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
@@ -481,6 +482,9 @@ class KafkaMember(Member):
 
     def _before_commit(self, parts: list[int]) -> None:
         """Before offsets of ``parts`` are committed (after the producer flush, they are)."""
+
+    def _after_flush(self) -> None:
+        """Every write before the commit is on the broker: raise if one of them failed."""
 
     def _forget(self, parts: list[int]) -> None:
         """These partitions are no longer ours."""

@@ -35,6 +35,21 @@ from typing import Any
 from pubsub_canary.errors import BrokerError, ConfigError
 
 MARKER_KEY = b"__pubsub_canary_checkpoint__"
+
+
+def marker_key(epoch: int) -> bytes:
+    """The key of an owner's markers: one per epoch, so compaction keeps each owner's last.
+
+    With one key for every marker, compaction would keep only the newest, and a reader would
+    find earlier owners' surviving records with no marker of their epoch and drop them.
+    """
+    return MARKER_KEY + b":" + str(epoch).encode()
+
+
+def is_marker(key: bytes | None) -> bool:
+    return key is not None and (key == MARKER_KEY or key.startswith(MARKER_KEY + b":"))
+
+
 H_EPOCH = "pc.epoch"
 H_THROUGH = "pc.through"
 H_FORMAT = "pc.format"
@@ -93,6 +108,9 @@ class PartitionState(MutableMapping[str, Any]):
             self._undo[key] = (key in self._data, self._data.get(key))
 
     def __setitem__(self, key: str, value: Any) -> None:
+        if value is None:  # None is a deletion in the changelog: the same here
+            self.pop(key, None)
+            return
         self._remember(key)
         self._data[key] = value
         self._dirty[key] = None
@@ -148,19 +166,24 @@ class ChangelogWriter:
         self.topic = topic
         self.formats = formats
         self._failed: str | None = None
-        #: partition -> (input offset, changelog offset) of its last marker on the broker.
+        #: partition -> (input offset, changelog offset) of its last marker on the broker, when
+        #: every record of that marker's batch got there too.
         self.last_marker: dict[int, tuple[int, int]] = {}
+        #: Partitions whose current batch lost a record.
+        self._batch_failed: set[int] = set()
 
     def _delivered(self, err: Any, msg: Any) -> None:
         if err is not None:
             self._failed = str(err)
-        elif msg.key() == MARKER_KEY:
+            self._batch_failed.add(msg.partition())
+        elif is_marker(msg.key()) and msg.partition() not in self._batch_failed:
             self.last_marker[msg.partition()] = (int(msg.value()), msg.offset())
 
     def checkpoint(self, partition: int, epoch: int, through: int, state: PartitionState) -> None:
         """Queue the changed keys of ``state`` and a marker saying it reflects ``< through``."""
         # Until this batch's marker is delivered, no marker vouches for the state in memory.
         self.last_marker.pop(partition, None)
+        self._batch_failed.discard(partition)
         fmt = self.formats.writes
         stamps = [(H_EPOCH, str(epoch).encode()), (H_FORMAT, str(fmt).encode())]
         prefix = stamp_prefix(fmt, epoch)
@@ -187,7 +210,7 @@ class ChangelogWriter:
                 self.producer.poll(0)
         produce(
             self.topic,
-            key=MARKER_KEY,
+            key=marker_key(epoch),
             value=str(through).encode(),
             partition=partition,
             headers=[*stamps, (H_THROUGH, str(through).encode())],
@@ -198,9 +221,16 @@ class ChangelogWriter:
         """Block until every queued write is on the broker; raise if one failed."""
         if self.producer.flush(timeout) > 0:
             raise BrokerError(f"changelog writes to {self.topic} not delivered in {timeout} s")
+        self.raise_if_failed()
+
+    def raise_if_failed(self) -> None:
+        """A write failed since the last call: the state in memory is ahead of the changelog,
+        so no offset may be committed past it (the caller stops; a new owner restores)."""
         if self._failed:
             failed, self._failed = self._failed, None
-            raise BrokerError(f"a changelog write to {self.topic} failed: {failed}")
+            raise BrokerError(
+                f"a changelog write to {self.topic} failed: {failed}; not committing past it"
+            )
 
 
 @dataclass
@@ -233,7 +263,7 @@ def decode_record(
     value: bytes | None, headers: list[tuple[str, bytes]] | None
 ) -> tuple[int, int, bytes | None]:
     """A key's changelog record as (epoch, format, JSON value or None for a deletion)."""
-    if headers:  # a deletion, or a record of the encoding before the value prefix
+    if _header(headers, H_EPOCH) is not None:  # a deletion, or the encoding before the prefix
         epoch = int(_header(headers, H_EPOCH) or b"0")
         return epoch, int(_header(headers, H_FORMAT) or b"1"), value
     if value is None:
@@ -396,7 +426,7 @@ class ChangelogTail:
             self.records += 1
             self.position = msg.offset() + 1
             key = msg.key()
-            if key == MARKER_KEY:
+            if is_marker(key):
                 epoch = int(_header(msg.headers(), H_EPOCH) or b"0")
                 # A batch counts only when its marker arrives, and only the records its writer
                 # (same epoch) wrote: a crashed writer's partial batch is dropped.

@@ -28,6 +28,7 @@ from pubsub_canary.client.state import (
     Migration,
     PartitionState,
     Seed,
+    StateFormatError,
     StateFormats,
 )
 from pubsub_canary.errors import ConfigError
@@ -133,6 +134,8 @@ class StatefulKafkaMember(KafkaMember):
         assert self.session is not None
         self._reader.add_rollout_migrations(self.session.state_migrations)
         for g in grants:
+            if self._writer is not None:  # a marker of an earlier ownership vouches for nothing
+                self._writer.last_marker.pop(g.unit, None)
             want = starts[g.unit]
             # A graceful handoff names the offset the old owner's last marker reflects: read
             # the changelog up to that marker. After a crash (no offset) take the last
@@ -172,6 +175,10 @@ class StatefulKafkaMember(KafkaMember):
             if p in self.states and p in self._held:
                 self._writer.checkpoint(p, self._held[p].epoch, self._next[p], self.states[p])
 
+    def _after_flush(self) -> None:
+        assert self._writer is not None
+        self._writer.raise_if_failed()
+
     def _view_changed(self, view: dict[int, UnitGrant]) -> None:
         # "warming": this member is about to own the unit; "standby": it would get the unit
         # back if the rollout were rolled back now. Both keep the unit's state warm.
@@ -183,7 +190,12 @@ class StatefulKafkaMember(KafkaMember):
                 self.session.report_warm(u, None)
         if wanted - set(self._warmers):
             # State the canary wrote may need the rollout's migrations to be read.
-            self._reader.add_rollout_migrations(self.session.state_migrations)
+            try:
+                self._reader.add_rollout_migrations(self.session.state_migrations)
+            except StateFormatError as exc:
+                # Not fatal here: the warm-up starts anyway, and a grant that needs the
+                # migration fails then, naming it (a standby may never be granted).
+                log.warning("%s", exc.message)
         for u in sorted(wanted - set(self._warmers)):
             self._warmers[u] = Warmer(self._reader.tail(u, self._take_seed(u)), self.session)
         for u, w in self._warmers.items():

@@ -25,10 +25,10 @@ from confluent_kafka import Producer
 from pubsub_canary.client.state import (
     H_EPOCH,
     H_THROUGH,
-    MARKER_KEY,
     ChangelogReader,
     StateFormats,
     decode_record,
+    is_marker,
 )
 from pubsub_canary.client.stateful import StatefulKafkaMember
 from pubsub_canary.client.transport import MemoryTransport
@@ -53,7 +53,7 @@ class _KillAtMarker:
         self._name = name
 
     def produce(self, topic: str, *args: Any, key: bytes | None = None, **kw: Any) -> None:
-        if key == MARKER_KEY:
+        if is_marker(key):
             self._producer.flush(30)  # the batch's records reach the broker, the marker never
             raise Killed(self._name)
         self._producer.produce(topic, *args, key=key, **kw)
@@ -354,7 +354,7 @@ class StatefulRig:
                     if m.error() is not None:
                         continue
                     h = dict(m.headers() or [])
-                    if m.key() == MARKER_KEY:
+                    if is_marker(m.key()):
                         epoch, value = int(h.get(H_EPOCH, b"0")), m.value()
                     else:
                         epoch, _, value = decode_record(m.value(), m.headers())

@@ -45,7 +45,7 @@ from hypothesis import HealthCheck, Phase, example, given, note, seed, settings
 from hypothesis import strategies as st
 
 from pubsub_canary.client.processing import Record
-from pubsub_canary.client.state import MARKER_KEY, PartitionState
+from pubsub_canary.client.state import PartitionState, is_marker
 from pubsub_canary.coordinator.broker import KafkaBroker
 from pubsub_canary.core.model import RolloutSpec, parse_rollout_spec
 from pubsub_canary.demo.totals import add_to_total
@@ -370,7 +370,7 @@ def _play(sc: Scenario, sequence: list[Action]) -> None:
     if diff:
         # The changelog of each bad partition: its markers and the records of the bad keys.
         records = {
-            p: [r for r in rig.changelog_records(p) if r[1] in d or r[1] == MARKER_KEY.decode()]
+            p: [r for r in rig.changelog_records(p) if r[1] in d or is_marker(r[1].encode())]
             for p, d in diff.items()
         }
         raise AssertionError(

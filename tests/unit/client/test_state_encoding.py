@@ -16,6 +16,8 @@ from pubsub_canary.client.state import (
     PartitionState,
     StateFormats,
     decode_record,
+    is_marker,
+    marker_key,
     stamp_prefix,
 )
 from pubsub_canary.errors import BrokerError
@@ -41,13 +43,13 @@ def test_a_checkpoint_puts_stamps_in_the_value_and_headers_only_where_it_must() 
     state.message_done()
     w.checkpoint(3, epoch=41, through=1200, state=state)
     by_key = {r["key"]: r for r in producer.sent}
-    put, deleted, marker = by_key[b"user-0000001"], by_key[b"gone"], by_key[MARKER_KEY]
+    put, deleted, marker = by_key[b"user-0000001"], by_key[b"gone"], by_key[marker_key(41)]
     assert put["value"] == b'2,41;{"total": 17}'
     assert "headers" not in put  # 44 bytes a record saved
     assert deleted["value"] is None  # a tombstone, so compaction drops the key
     assert dict(deleted["headers"]) == {H_EPOCH: b"41", H_FORMAT: b"2"}
     assert dict(marker["headers"]) == {H_EPOCH: b"41", H_FORMAT: b"2", H_THROUGH: b"1200"}
-    assert producer.sent[-1]["key"] == MARKER_KEY  # the marker closes the batch
+    assert producer.sent[-1]["key"] == marker_key(41)  # the marker closes the batch
     assert all(r["partition"] == 3 for r in producer.sent)
 
 
@@ -113,3 +115,42 @@ def test_only_a_delivered_marker_vouches_for_the_state_in_memory() -> None:
     state.message_done()
     w.checkpoint(0, epoch=1, through=20, state=state)  # never acknowledged
     assert 0 not in w.last_marker
+
+
+def test_each_owner_has_its_own_marker_key_so_compaction_keeps_its_last_marker() -> None:
+    # One key for every marker would leave only the newest after compaction, and a reader
+    # would drop the surviving records of every earlier owner for want of their marker.
+    assert marker_key(1) != marker_key(2)
+    assert all(is_marker(k) for k in (marker_key(1), marker_key(12345), MARKER_KEY))
+    assert not any(is_marker(k) for k in (b"user-1", None, MARKER_KEY + b"x", b""))
+
+
+def test_a_lost_record_leaves_no_marker_to_trust_and_stops_the_commit() -> None:
+    producer = CapturingProducer()
+    w = ChangelogWriter(producer, "c", StateFormats())
+    state = PartitionState(0)
+    state["a"] = 1
+    state["b"] = 2
+    state.message_done()
+    w.checkpoint(0, epoch=3, through=7, state=state)
+    a, b, marker = producer.sent
+    w._delivered(None, FakeMsg(a, 0))
+    w._delivered("MSG_SIZE_TOO_LARGE", FakeMsg(b, 1))  # the broker refused one record
+    w._delivered(None, FakeMsg(marker, 2))
+    assert 0 not in w.last_marker
+    with pytest.raises(BrokerError, match="MSG_SIZE_TOO_LARGE; not committing past it"):
+        w.raise_if_failed()
+
+
+def test_setting_none_deletes_as_the_changelog_does() -> None:
+    state = PartitionState(0, {"k": 1})
+    state["k"] = None
+    state["new"] = None
+    assert "k" not in state and "new" not in state
+    assert state.take_dirty() == [("k", None)]
+
+
+def test_headers_of_other_tools_do_not_hide_the_value_prefix() -> None:
+    # e.g. a tracing library adding traceparent to every record
+    raw = stamp_prefix(2, 9) + b"5"
+    assert decode_record(raw, [("traceparent", b"00-ab-cd-01")]) == (9, 2, b"5")
