@@ -54,6 +54,12 @@ H_EPOCH = "pc.epoch"
 H_THROUGH = "pc.through"
 H_FORMAT = "pc.format"
 
+#: The changelog record encoding this library writes (2: stamps in a value prefix) and those it
+#: reads (1: stamps in headers). Members declare both, and the coordinator refuses a rollout
+#: whose versions could not read each other's changelog records.
+ENCODING = 2
+READS_ENCODINGS = (1, 2)
+
 #: A migration turns a value written in one format into one the reader understands.
 Migration = Callable[[Any], Any]
 
@@ -84,6 +90,7 @@ class StateFormats:
             "writes": self.writes,
             "reads": sorted(self.reads),
             "migrates": sorted(self.migrations),
+            "encoding": {"writes": ENCODING, "reads": list(READS_ENCODINGS)},
         }
 
 

@@ -21,17 +21,25 @@ class FormatSupport:
     writes: int
     reads: frozenset[int]
     migrates: frozenset[int] = frozenset()
+    #: The changelog record encoding (how stamps are stored, not the state's format) the
+    #: member's library writes, and those it reads. A member that does not say writes and
+    #: reads only encoding 1 (stamps in headers), the first one.
+    encoding: int = 1
+    encodings: frozenset[int] = frozenset({1})
 
     @classmethod
     def from_meta(cls, version: str, meta: Mapping[str, Any]) -> FormatSupport | None:
         f = meta.get("state_formats")
         if not f:
             return None
+        enc = f.get("encoding") or {}
         return cls(
             version,
             int(f["writes"]),
             frozenset(int(x) for x in f.get("reads", [f["writes"]])),
             frozenset(int(x) for x in f.get("migrates", [])),
+            int(enc.get("writes", 1)),
+            frozenset(int(x) for x in enc.get("reads", [enc.get("writes", 1)])),
         )
 
     def can_read(self, fmt: int, rollout_migrations: Iterable[tuple[int, int]] = ()) -> bool:
@@ -51,6 +59,14 @@ def state_format_problems(
     stable, canary = list(stable), list(canary)
     for c in canary:
         for s in stable:
+            for reader, writer, role in ((s, c, "a rollback"), (c, s, "a promotion")):
+                if writer.encoding not in reader.encodings:
+                    problems.append(
+                        f"version {reader.version} cannot read changelog encoding "
+                        f"{writer.encoding} that version {writer.version} writes (it reads "
+                        f"{sorted(reader.encodings)}): {role} would lose state; run both "
+                        "versions on a pubsub-canary library that reads both encodings"
+                    )
             if not s.can_read(c.writes, migrations):
                 problems.append(
                     f"stable version {s.version} cannot read state format {c.writes} that canary "
