@@ -184,10 +184,18 @@ class StatefulKafkaMember(KafkaMember):
         # back if the rollout were rolled back now. Both keep the unit's state warm.
         wanted = {u for u, g in view.items() if g.status in ("warming", "standby")}
         assert self.session is not None
-        for u in list(self._warmers):
-            if u not in wanted and not (u in view and view[u].status == "owned"):
-                self._warmers.pop(u).discard()  # the move was called off
-                self.session.report_warm(u, None)
+        # Moves called off (or a rollout over): stop them all first, then wait for each, so
+        # dropping many standbys costs one poll, not one per unit.
+        dropped = [
+            self._warmers.pop(u)
+            for u in list(self._warmers)
+            if u not in wanted and not (u in view and view[u].status == "owned")
+        ]
+        for w in dropped:
+            w.request_stop()
+        for w in dropped:
+            w.discard()
+            self.session.report_warm(w.tail.partition, None)
         if wanted - set(self._warmers):
             # State the canary wrote may need the rollout's migrations to be read.
             try:
@@ -211,6 +219,8 @@ class StatefulKafkaMember(KafkaMember):
         return seed if time.monotonic() - since <= RETIRED_SECONDS else None
 
     def _close(self) -> None:
+        for w in self._warmers.values():
+            w.request_stop()
         for w in self._warmers.values():
             w.discard()
         self._warmers.clear()
@@ -254,10 +264,15 @@ class Warmer:
                 # Short, so that a grant stopping the warm-up waits at most this long.
                 self.tail.poll(WARMER_POLL_SECONDS)
                 behind = self.tail.behind(max_age=self.refresh_seconds)
-                self.session.report_warm(self.tail.partition, behind)
+                if not self._stop.is_set():  # once stopped, the member reports for the unit
+                    self.session.report_warm(self.tail.partition, behind)
         except Exception as exc:  # the grant reads the partition from the start instead
             self.failed = str(exc)
             log.warning("warming partition %s failed: %s", self.tail.partition, exc)
+
+    def request_stop(self) -> None:
+        """Ask the thread to stop after its current poll (``finish`` waits for it)."""
+        self._stop.set()
 
     def finish(self) -> ChangelogTail | None:
         """Stop reading in the background; the caller continues with the tail.
