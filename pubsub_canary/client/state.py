@@ -196,23 +196,16 @@ class ChangelogWriter:
         prefix = stamp_prefix(fmt, epoch)
         produce = self.producer.produce
         for key, value in state.take_dirty():
-            if value is None:  # a deletion stays a null value (compaction drops the key)
-                produce(
-                    self.topic,
-                    key=key.encode(),
-                    value=None,
-                    partition=partition,
-                    headers=stamps,
-                    on_delivery=self._delivered,
-                )
-            else:
-                produce(
-                    self.topic,
-                    key=key.encode(),
-                    value=prefix + json.dumps(value).encode(),
-                    partition=partition,
-                    on_delivery=self._delivered,
-                )
+            # A deletion stays a null value (compaction drops the key): its stamps go in headers.
+            stamped = {"headers": stamps} if value is None else {}
+            produce(
+                self.topic,
+                key=key.encode(),
+                value=None if value is None else prefix + json.dumps(value).encode(),
+                partition=partition,
+                on_delivery=self._delivered,
+                **stamped,
+            )
             if len(self.producer) > 50_000:
                 self.producer.poll(0)
         produce(
@@ -270,9 +263,9 @@ def decode_record(
     value: bytes | None, headers: list[tuple[str, bytes]] | None
 ) -> tuple[int, int, bytes | None]:
     """A key's changelog record as (epoch, format, JSON value or None for a deletion)."""
-    if _header(headers, H_EPOCH) is not None:  # a deletion, or the encoding before the prefix
-        epoch = int(_header(headers, H_EPOCH) or b"0")
-        return epoch, int(_header(headers, H_FORMAT) or b"1"), value
+    stamped = _header(headers, H_EPOCH)
+    if stamped is not None:  # a deletion, or the encoding before the prefix
+        return int(stamped), int(_header(headers, H_FORMAT) or b"1"), value
     if value is None:
         return 0, 1, None
     end = value.find(b";")

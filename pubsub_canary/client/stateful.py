@@ -145,8 +145,7 @@ class StatefulKafkaMember(KafkaMember):
             tail = warmer.finish() if warmer is not None else None
             if tail is None:  # never warmed, or the warm-up failed: read from the start,
                 # or from our own last marker if we held the partition moments ago
-                seed = self._take_seed(g.unit)
-                tail = self._reader.tail(g.unit, seed if warmer is None else None)
+                tail = self._reader.tail(g.unit, self._take_seed(g.unit))
             self.session.report_warm(g.unit, None)
             try:
                 restored = tail.catch_up(until=want)
@@ -209,14 +208,18 @@ class StatefulKafkaMember(KafkaMember):
         for u, w in self._warmers.items():
             standby = u in view and view[u].status == "standby"
             w.refresh_seconds = STANDBY_REFRESH_SECONDS if standby else WARMING_REFRESH_SECONDS
+        self._drop_old_seeds()
+
+    def _drop_old_seeds(self) -> None:
         now = time.monotonic()
         for u, (_, since) in list(self._retired.items()):
             if now - since > RETIRED_SECONDS:
                 del self._retired[u]
 
     def _take_seed(self, unit: int) -> Seed | None:
-        seed, since = self._retired.pop(unit, (None, 0.0))
-        return seed if time.monotonic() - since <= RETIRED_SECONDS else None
+        self._drop_old_seeds()
+        seed, _ = self._retired.pop(unit, (None, 0.0))
+        return seed
 
     def _close(self) -> None:
         for w in self._warmers.values():
