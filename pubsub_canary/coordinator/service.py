@@ -401,7 +401,7 @@ class Coordinator:
             units += [
                 {"unit": u, "epoch": g.units[u].epoch, "offset": None, "status": "standby"}
                 for u, owner in sorted(g.standby.items())
-                if owner == mid and g.units[u].owner != mid and g.target.get(u) != mid
+                if owner == mid
             ]
         digest = ";".join(f"{x['unit']}:{x['epoch']}:{x['status']}" for x in units)
         rollout = self._active_rollout(g.record.key)
@@ -685,13 +685,15 @@ class Coordinator:
                 if pos is not None:
                     g.redeliver[u] = pos
         g.target = plan_assignment(sorted(g.units), takers, current, self._share(key))
-        standby = self._standby(g, takers, current)
+        r = self._active_rollout(key)
+        # Stateful groups move state warm, except on a rollback, which never waits.
+        warm = self._stateful(g) and not (r is not None and r.state.phase is Phase.ROLLING_BACK)
+        standby = self._standby(g, takers, current) if warm and r is not None else {}
         if standby != g.standby:
             g.standby = standby
             self._bump()
-        units, changes = reconcile(
-            g.units, g.target, alive, self.clock.wall(), self._warm_gate(g, now)
-        )
+        gate = self._warm_gate(g, now) if warm else None
+        units, changes = reconcile(g.units, g.target, alive, self.clock.wall(), gate)
         if changes:
             g.units = units
             self.store.put_units(key, [units[c.unit] for c in changes])
@@ -710,7 +712,6 @@ class Coordinator:
                 elif isinstance(c, Revoke):
                     log.debug("revoke unit %s from %s (epoch %s)", c.unit, c.member, c.epoch)
             self._bump()
-        r = self._active_rollout(key)
         settling = r is not None and r.state.phase in (Phase.PROMOTING, Phase.ROLLING_BACK)
         if settling and is_settled(g.units, g.target) and self._settled_for_share(g, r.state.share):
             assert r is not None
@@ -728,11 +729,9 @@ class Coordinator:
         """Who would get each canary unit back if the rollout were rolled back now.
 
         The same planner at share 0 decides it, so the standby is the member the rollback will
-        really grant the unit to (as long as the members stay the same).
+        really grant the unit to (as long as the members stay the same). A member that owns
+        the unit, or is about to, is no standby for it.
         """
-        r = self._active_rollout(g.record.key)
-        if r is None or r.state.phase is Phase.ROLLING_BACK or not self._stateful(g):
-            return {}
         canary = {v.member_id for v in takers if v.cohort is Cohort.CANARY}
         if not canary:
             return {}
@@ -740,19 +739,17 @@ class Coordinator:
         return {
             u: owner
             for u, owner in back.items()
-            if owner is not None and (current.get(u) in canary or g.target.get(u) in canary)
+            if owner is not None
+            and owner not in (current.get(u), g.target.get(u))
+            and (current.get(u) in canary or g.target.get(u) in canary)
         }
 
-    def _warm_gate(self, g: LiveGroup, now: float) -> Callable[[int, str], bool] | None:
+    def _warm_gate(self, g: LiveGroup, now: float) -> Callable[[int, str], bool]:
         """For stateful groups: revoke a unit only once its next owner has warmed up.
 
-        A rollback never waits: the canary is stopped at once and stable restores cold.
+        Not used on a rollback, which never waits: the canary is stopped at once, and the
+        stable member it goes back to has kept it warm as its standby.
         """
-        if not self._stateful(g):
-            return None
-        r = self._active_rollout(g.record.key)
-        if r is not None and r.state.phase is Phase.ROLLING_BACK:
-            return None
 
         def ready(unit: int, next_owner: str) -> bool:
             m = self.members.get(next_owner)
