@@ -16,18 +16,13 @@ def _secs(x: float | None) -> str:
 
 def unit_ranges(units: list[int]) -> str:
     """``[0, 1, 2, 3, 7, 9, 10]`` -> ``"0-3,7,9-10"`` (a Pub/Sub group has hundreds of units)."""
-    out: list[str] = []
-    run: list[int] = []
+    spans: list[list[int]] = []  # [first, last] of each run of consecutive units
     for u in sorted(units):
-        if run and u == run[-1] + 1:
-            run.append(u)
-            continue
-        if run:
-            out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
-        run = [u]
-    if run:
-        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
-    return ",".join(out)
+        if spans and u == spans[-1][1] + 1:
+            spans[-1][1] = u
+        else:
+            spans.append([u, u])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def render_status(s: dict[str, Any]) -> str:

@@ -46,6 +46,12 @@ class MemoryBroker:
 OWN_SETTINGS = ("bootstrap.servers", "group.id", "enable.auto.commit")
 
 
+def _setting(text: str) -> tuple[str, str] | None:
+    """``"key = value"`` -> ``("key", "value")``; None when it is not that."""
+    key, sep, value = text.partition("=")
+    return (key.strip(), value.strip()) if sep and key.strip() else None
+
+
 def read_client_config(path: str) -> dict[str, str]:
     """A Kafka client properties file (``key=value`` lines, ``#`` comments), as librdkafka keys.
 
@@ -63,12 +69,12 @@ def read_client_config(path: str) -> dict[str, str]:
         line = raw.strip()
         if not line or line.startswith(("#", "!")):
             continue
-        key, sep, value = line.partition("=")
-        if not sep or not key.strip():
+        setting = _setting(line)
+        if setting is None:
             raise ConfigError(
                 f"{path}:{n}: {line[:60]!r} is not key=value", field="kafka_config_file"
             )
-        out[key.strip()] = value.strip()
+        out[setting[0]] = setting[1]
     return out
 
 
@@ -76,13 +82,13 @@ def parse_client_settings(pairs: list[str]) -> dict[str, str]:
     """``["key=value", ...]`` (repeated command-line options) as a dict."""
     out: dict[str, str] = {}
     for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
+        setting = _setting(pair)
+        if setting is None:
             raise ConfigError(
                 f"--kafka-config {pair!r} is not KEY=VALUE (for example security.protocol=SSL)",
                 field="kafka_config",
             )
-        out[key.strip()] = value.strip()
+        out[setting[0]] = setting[1]
     return out
 
 
