@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -124,6 +125,23 @@ def kafka_broker(bootstrap_servers: str | None, brokers: int = 3) -> Iterator[An
         yield backend
     finally:
         backend.close()
+
+
+def workdir_with_log(stack: contextlib.ExitStack, workdir: str | None) -> Path:
+    """The run's working directory (a temporary one unless given), with the coordinator's log
+    (everything at INFO) in ``coordinator.log`` there: stderr is for progress lines."""
+    import logging
+
+    path = Path(workdir or stack.enter_context(tempfile.TemporaryDirectory()))
+    path.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path / "coordinator.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    stack.callback(handler.close)
+    stack.callback(root.removeHandler, handler)
+    return path
 
 
 def wait_for_topic(bootstrap: str, topic: str, partitions: int, timeout: float = 30.0) -> None:

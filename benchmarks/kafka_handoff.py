@@ -35,8 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -661,15 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     t_run = time.monotonic()
     load_before = C.load_average()
     with contextlib.ExitStack() as stack:
-        workdir = Path(a.workdir or stack.enter_context(tempfile.TemporaryDirectory()))
-        workdir.mkdir(parents=True, exist_ok=True)
-        # The coordinator's log goes to a file: stderr is for progress lines.
-        handler = logging.FileHandler(workdir / "coordinator.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root = logging.getLogger()
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        stack.callback(root.removeHandler, handler)
+        workdir = C.workdir_with_log(stack, a.workdir)
         backend = stack.enter_context(C.kafka_broker(a.bootstrap_servers))
         bootstrap = backend.bootstrap_servers
         C.progress(f"broker: {backend.description}")

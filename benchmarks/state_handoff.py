@@ -75,7 +75,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -864,14 +863,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_1m_before": load_before,
     }
     with contextlib.ExitStack() as stack:
-        workdir = Path(a.workdir or stack.enter_context(tempfile.TemporaryDirectory()))
-        workdir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(workdir / "coordinator.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root = logging.getLogger()
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        stack.callback(root.removeHandler, handler)
+        workdir = C.workdir_with_log(stack, a.workdir)
         backend = stack.enter_context(C.kafka_broker(a.bootstrap_servers))
         bootstrap = backend.bootstrap_servers
         embedded = getattr(backend, "kind", "") == "embedded"
